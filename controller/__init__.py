@@ -1,0 +1,1 @@
+"""Controller: adapter inventory, canary rollouts and the LoRA-aware endpoint picker."""

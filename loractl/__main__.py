@@ -1,0 +1,3 @@
+from loractl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""The `loractl` command: one entry point, one subcommand per component.
+
+Each component owns its own flags through a `register(subparsers)` function, so
+this module only wires them together and never grows component logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+
+from loractl import __version__
+from simulator import cli as simulator_cli
+
+Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+REGISTRARS: tuple[Registrar, ...] = (simulator_cli.register,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loractl",
+        description="LoRA adapter lifecycle for vLLM on Kubernetes.",
+    )
+    parser.add_argument("--version", action="version", version=f"loractl {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in REGISTRARS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    return run(args)

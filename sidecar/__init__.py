@@ -1,0 +1,1 @@
+"""Sidecar beside each vLLM server: reconciles the adapter ConfigMap against vLLM."""

@@ -1,0 +1,399 @@
+"""HTTP framing of the simulator: vLLM's routes, bodies, SSE streams and status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from simulator.faults import ErrorRateRequest, LatencyRequest, RestartRequest, UnhealthyRequest
+from simulator.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoRAAdapterRequest,
+    RequestError,
+    StreamOptions,
+    UnloadLoRAAdapterRequest,
+    error_response,
+    parse_body,
+)
+from simulator.service import PlannedChoice, Simulator, Target
+from simulator.textgen import chat_prompt_tokens, count_tokens
+
+log = structlog.get_logger("simulator")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SIMULATOR_KEY = web.AppKey("simulator", Simulator)
+SERVER_KEY: web.AppKey[SimServer] = web.AppKey("server")
+TEXT_PLAIN = "text/plain"
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+
+
+@web.middleware
+async def vllm_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Shape every error the way vLLM (FastAPI) does, and keep serving after any of them."""
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return web.json_response({"detail": exc.reason}, status=exc.status)
+        raise
+    except Exception as exc:
+        log.exception("request_failed", path=request.path)
+        return error_response(
+            HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError", f"{type(exc).__name__}: {exc}"
+        )
+
+
+def api_key_guard(api_key: str | None) -> Middleware:
+    expected = f"Bearer {api_key}"
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # vLLM protects only the OpenAI routes; /health and /metrics stay open for probes.
+        if (
+            api_key
+            and request.path.startswith("/v1")
+            and request.method != "OPTIONS"
+            and request.headers.get("Authorization") != expected
+        ):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    return guard
+
+
+def _sim(request: web.Request) -> Simulator:
+    return request.app[SIMULATOR_KEY]
+
+
+# --- probes and listings --------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    if not _sim(request).faults.healthy():
+        return web.Response(status=HTTPStatus.SERVICE_UNAVAILABLE)
+    return web.Response(status=HTTPStatus.OK)
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": _sim(request).settings.vllm_version})
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response(_sim(request).model_cards())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=_sim(request).metrics.render(), content_type=TEXT_PLAIN)
+
+
+# --- adapters -------------------------------------------------------------------------
+
+
+async def load_lora_adapter(request: web.Request) -> web.Response:
+    body = await parse_body(request, LoadLoRAAdapterRequest)
+    text = await _sim(request).load_adapter(body.lora_name, body.lora_path, body.load_inplace)
+    log.info("lora_loaded", lora_name=body.lora_name, lora_path=body.lora_path)
+    return web.Response(text=text, content_type=TEXT_PLAIN)
+
+
+async def unload_lora_adapter(request: web.Request) -> web.Response:
+    body = await parse_body(request, UnloadLoRAAdapterRequest)
+    text = _sim(request).unload_adapter(body.lora_name)
+    log.info("lora_unloaded", lora_name=body.lora_name)
+    return web.Response(text=text, content_type=TEXT_PLAIN)
+
+
+# --- generation -----------------------------------------------------------------------
+
+
+def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[str, int]]:
+    """(text, token count) per prompt; token-id prompts count their ids."""
+    if isinstance(prompt, str):
+        return [(prompt, count_tokens(prompt))]
+    if not prompt:
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST, "BadRequestError", "Prompt cannot be empty.", "prompt"
+        )
+    if all(isinstance(p, int) for p in prompt):
+        return [(" ".join(map(str, prompt)), len(prompt))]
+    return [
+        (p, count_tokens(p)) if isinstance(p, str) else (" ".join(map(str, p)), len(p))
+        for p in prompt
+        if not isinstance(p, int)
+    ]
+
+
+def _chat_prompt(request: ChatCompletionRequest) -> tuple[str, int]:
+    contents = []
+    for message in request.messages:
+        if isinstance(message.content, str):
+            contents.append(message.content)
+        elif message.content:
+            contents.append(" ".join(str(part.get("text", "")) for part in message.content))
+    return "\n".join(contents), chat_prompt_tokens(contents)
+
+
+def _usage(prompt_tokens: int, choices: list[PlannedChoice]) -> dict[str, Any]:
+    completion = sum(len(c.tokens) for c in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion,
+        "completion_tokens": completion,
+        "prompt_tokens_details": None,
+    }
+
+
+class Generation:
+    """One completion or chat request on its way through the engine."""
+
+    def __init__(
+        self,
+        sim: Simulator,
+        *,
+        chat: bool,
+        target: Target,
+        prompts: list[tuple[str, int]],
+        max_tokens: int | None,
+        n: int,
+    ) -> None:
+        self.sim = sim
+        self.chat = chat
+        self.target = target
+        self.prompt_tokens = sum(tokens for _, tokens in prompts)
+        self.choices = sim.plan_choices(target, prompts, max_tokens, n)
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(16)
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def _envelope(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": object_name,
+            "created": self.created,
+            "model": self.target.name,
+            "choices": choices,
+        }
+
+    async def respond(self) -> web.Response:
+        await self.sim.run_all(self.choices)
+        choices = []
+        for index, choice in enumerate(self.choices):
+            text = "".join(choice.tokens)
+            body: dict[str, Any] = {"index": index}
+            if self.chat:
+                body["message"] = {
+                    "role": "assistant",
+                    "content": text,
+                    "reasoning_content": None,
+                    "tool_calls": [],
+                }
+            else:
+                body["text"] = text
+            body.update(logprobs=None, finish_reason=choice.seq.finish_reason, stop_reason=None)
+            choices.append(body)
+        payload = self._envelope(self.object, choices)
+        payload["usage"] = _usage(self.prompt_tokens, self.choices)
+        payload["kv_transfer_params"] = None
+        return web.json_response(payload)
+
+    async def stream(self, request: web.Request, include_usage: bool) -> web.StreamResponse:
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
+        for index, choice in enumerate(self.choices):
+            if self.chat:
+                role = {
+                    "index": index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                await _send(response, self._envelope(chunk_object, [role]))
+            async with aclosing(self.sim.engine.generate(choice.seq)) as produced:
+                async for position in produced:
+                    last = position == len(choice.tokens) - 1
+                    token = choice.tokens[position]
+                    body: dict[str, Any] = {"index": index}
+                    if self.chat:
+                        body["delta"] = {"content": token}
+                    else:
+                        body["text"] = token
+                    body.update(
+                        logprobs=None,
+                        finish_reason=choice.seq.finish_reason if last else None,
+                        stop_reason=None,
+                    )
+                    await _send(response, self._envelope(chunk_object, [body]))
+        if include_usage:
+            final = self._envelope(chunk_object, [])
+            final["usage"] = _usage(self.prompt_tokens, self.choices)
+            await _send(response, final)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+
+def _include_usage(sim: Simulator, options: StreamOptions | None) -> bool:
+    return sim.settings.force_include_usage or bool(options and options.include_usage)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    sim = _sim(request)
+    body = await parse_body(request, CompletionRequest)
+    target = sim.resolve(body.model)
+    sim.check_injected_error(body.model)
+    generation = Generation(
+        sim,
+        chat=False,
+        target=target,
+        prompts=_prompt_list(body.prompt),
+        max_tokens=body.max_tokens,
+        n=body.n,
+    )
+    if body.stream:
+        return await generation.stream(request, _include_usage(sim, body.stream_options))
+    return await generation.respond()
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    sim = _sim(request)
+    body = await parse_body(request, ChatCompletionRequest)
+    target = sim.resolve(body.model)
+    sim.check_injected_error(body.model)
+    max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
+    generation = Generation(
+        sim,
+        chat=True,
+        target=target,
+        prompts=[_chat_prompt(body)],
+        max_tokens=max_tokens,
+        n=body.n,
+    )
+    if body.stream:
+        return await generation.stream(request, _include_usage(sim, body.stream_options))
+    return await generation.respond()
+
+
+# --- fault injection (/sim/...) -------------------------------------------------------
+
+
+async def sim_restart(request: web.Request) -> web.Response:
+    body = await parse_body(request, RestartRequest)
+    server = request.app[SERVER_KEY]
+    server.schedule_restart(body.downtime_seconds)
+    return web.json_response({"restarting": True, "downtime_seconds": body.downtime_seconds})
+
+
+async def sim_unhealthy(request: web.Request) -> web.Response:
+    body = await parse_body(request, UnhealthyRequest)
+    _sim(request).faults.make_unhealthy(body.seconds)
+    return web.json_response({"unhealthy_seconds": body.seconds})
+
+
+async def sim_error_rate(request: web.Request) -> web.Response:
+    body = await parse_body(request, ErrorRateRequest)
+    _sim(request).faults.set_error_rate(body.model, body.rate, body.status)
+    return web.json_response(body.model_dump())
+
+
+async def sim_latency(request: web.Request) -> web.Response:
+    body = await parse_body(request, LatencyRequest)
+    _sim(request).engine.extra_latency_ms = body.extra_ms
+    return web.json_response(body.model_dump())
+
+
+async def sim_clear_faults(request: web.Request) -> web.Response:
+    sim = _sim(request)
+    sim.faults.clear()
+    sim.engine.extra_latency_ms = 0.0
+    return web.json_response({"cleared": True})
+
+
+async def sim_state(request: web.Request) -> web.Response:
+    return web.json_response(_sim(request).state())
+
+
+def build_app(sim: Simulator, server: SimServer) -> web.Application:
+    app = web.Application(
+        middlewares=[vllm_errors, api_key_guard(sim.settings.api_key)],
+        client_max_size=64 * 1024 * 1024,
+    )
+    app[SIMULATOR_KEY] = sim
+    app[SERVER_KEY] = server
+    app.router.add_get("/health", health)
+    app.router.add_get("/version", version)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    if sim.settings.runtime_lora_updating:
+        app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
+        app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
+    app.router.add_post("/sim/restart", sim_restart)
+    app.router.add_post("/sim/unhealthy", sim_unhealthy)
+    app.router.add_post("/sim/error-rate", sim_error_rate)
+    app.router.add_post("/sim/latency", sim_latency)
+    app.router.add_delete("/sim/faults", sim_clear_faults)
+    app.router.add_get("/sim/state", sim_state)
+    return app
+
+
+class SimServer:
+    """Owns the listening socket, so a simulated restart can refuse connections meanwhile."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.app = build_app(sim, self)
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self.port = sim.settings.port
+        self._site: web.TCPSite | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.runner.setup()
+        await self._listen()
+
+    async def _listen(self) -> None:
+        self._site = web.TCPSite(self.runner, self.sim.settings.host, self.port)
+        await self._site.start()
+        server = self._site._server
+        assert isinstance(server, asyncio.base_events.Server)
+        self.port = server.sockets[0].getsockname()[1]
+
+    def schedule_restart(self, downtime_seconds: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._restart(downtime_seconds))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restart(self, downtime_seconds: float) -> None:
+        await asyncio.sleep(0.05)  # let the /sim/restart answer leave first
+        log.info("simulated_restart", downtime_seconds=downtime_seconds)
+        if self._site is not None:
+            await self._site.stop()
+        if self.runner.server is not None:
+            await self.runner.server.shutdown(0.05)  # drop kept-alive connections too
+        self.sim.restart()
+        await asyncio.sleep(downtime_seconds)
+        await self._listen()
+        log.info("listening", host=self.sim.settings.host, port=self.port)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.runner.cleanup()

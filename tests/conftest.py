@@ -1,0 +1,56 @@
+"""Shared fixtures: real processes on free ports, always cleaned up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from loractl.processes import ChildProcess
+from simulator.adapter_files import write_adapter
+from tests.support.simulators import RunningSimulator, simulator_process
+
+FAST = ("--time-scale", "0")
+RUNTIME_LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"}
+
+
+@pytest.fixture
+def children() -> Iterator[list[ChildProcess]]:
+    """Every process a test starts goes in here and is stopped after the test, pass or fail."""
+    started: list[ChildProcess] = []
+    yield started
+    for child in started:
+        child.stop()
+    assert not any(child.alive() for child in started)
+
+
+SimulatorFactory = Callable[..., RunningSimulator]
+
+
+@pytest.fixture
+def start_simulator(children: list[ChildProcess], tmp_path: Path) -> SimulatorFactory:
+    def start(
+        *args: str, host: str = "127.0.0.1", env: dict[str, str] | None = None
+    ) -> RunningSimulator:
+        process, url = simulator_process(
+            tmp_path / "logs", *args, host=host, env=RUNTIME_LORA_ENV if env is None else env
+        )
+        children.append(process.start())
+        process.wait_http_ok(f"{url}/health")
+        return RunningSimulator(url, process)
+
+    return start
+
+
+@pytest.fixture
+def adapters(tmp_path: Path) -> Callable[..., str]:
+    """Make a PEFT adapter directory; returns its path as a string (what vLLM gets)."""
+    counter = iter(range(1_000_000))
+
+    def make(name: str | None = None, **kwargs: object) -> str:
+        seed = next(counter)
+        directory = tmp_path / "adapters" / (name or f"adapter-{seed}")
+        return str(write_adapter(directory, seed=seed, **kwargs))  # type: ignore[arg-type]
+
+    return make

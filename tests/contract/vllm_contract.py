@@ -1,0 +1,455 @@
+"""The vLLM HTTP contract loractl relies on, as a table of request → expected answer.
+
+The table is data: it names adapters by role ({good}, {big}, ...) and never says
+which server it runs against, so the same cases run against the simulator and
+against a real vLLM server (started with runtime LoRA updating enabled and
+`--max-lora-rank` below the rank of the {big} adapter).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+Check = Callable[[httpx.Response, "Context"], None]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What one case may refer to: a fresh adapter name and adapters by role."""
+
+    name: str
+    base: str
+    paths: dict[str, str]
+
+    def fill(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.format(name=self.name, base=self.base, **self.paths)
+        if isinstance(value, dict):
+            return {k: self.fill(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.fill(v) for v in value]
+        return value
+
+
+@dataclass(frozen=True)
+class Step:
+    method: str
+    path: str
+    status: int
+    body: Any = None
+    raw: bytes | None = None
+    error_type: str | None = None
+    param: str | None = None
+    message_contains: str | None = None
+    text: str | None = None
+    checks: tuple[Check, ...] = ()
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    steps: tuple[Step, ...]
+    tags: frozenset[str] = field(default_factory=frozenset)
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    """vLLM's error body: {"error": {...}} now, a flat {"object": "error", ...} before."""
+    data = response.json()
+    if isinstance(data.get("error"), dict):
+        return dict(data["error"])
+    return dict(data)
+
+
+def run_step(client: httpx.Client, step: Step, ctx: Context) -> httpx.Response:
+    if step.raw is not None:
+        response = client.request(
+            step.method,
+            step.path,
+            content=step.raw,
+            headers={"content-type": "application/json"},
+        )
+    else:
+        response = client.request(step.method, step.path, json=ctx.fill(step.body))
+    where = f"{step.method} {step.path} {ctx.fill(step.body) if step.body else step.raw!r}"
+    assert response.status_code == step.status, (
+        f"{where}: expected {step.status}, got {response.status_code}: {response.text[:500]}"
+    )
+    if step.error_type is not None or step.param is not None or step.message_contains:
+        error = error_of(response)
+        if step.error_type is not None:
+            assert error.get("type") == step.error_type, f"{where}: error {error}"
+        if step.param is not None:
+            assert error.get("param") == step.param, f"{where}: error {error}"
+        if step.message_contains is not None:
+            expected = ctx.fill(step.message_contains)
+            assert expected in str(error.get("message")), f"{where}: error {error}"
+    if step.text is not None:
+        assert response.text == ctx.fill(step.text), f"{where}: body {response.text!r}"
+    for check in step.checks:
+        check(response, ctx)
+    return response
+
+
+def run_case(client: httpx.Client, case: Case, ctx: Context) -> None:
+    for step in case.steps:
+        run_step(client, step, ctx)
+
+
+# --- shape checks ---------------------------------------------------------------------
+
+
+def is_text_plain(response: httpx.Response, _ctx: Context) -> None:
+    assert response.headers["content-type"].startswith("text/plain"), response.headers
+
+
+def lists_adapter(role: str) -> Check:
+    def check(response: httpx.Response, ctx: Context) -> None:
+        cards = {card["id"]: card for card in response.json()["data"]}
+        assert ctx.name in cards, f"{ctx.name} not in {list(cards)}"
+        assert cards[ctx.name]["root"] == ctx.paths[role]
+        assert cards[ctx.name]["parent"] == ctx.base
+
+    return check
+
+
+def lacks_adapter(response: httpx.Response, ctx: Context) -> None:
+    assert ctx.name not in {card["id"] for card in response.json()["data"]}
+
+
+def base_card_first(response: httpx.Response, ctx: Context) -> None:
+    data = response.json()
+    assert data["object"] == "list"
+    assert data["data"][0]["id"] == ctx.base
+    assert data["data"][0]["parent"] is None
+
+
+def served_by(expected: str) -> Check:
+    def check(response: httpx.Response, ctx: Context) -> None:
+        assert response.json()["model"] == ctx.fill(expected)
+
+    return check
+
+
+def completion_shape(response: httpx.Response, _ctx: Context) -> None:
+    data = response.json()
+    assert data["object"] == "text_completion"
+    assert data["id"].startswith("cmpl-")
+    choice = data["choices"][0]
+    assert isinstance(choice["text"], str)
+    assert choice["text"]
+    assert choice["finish_reason"] in ("length", "stop")
+    usage = data["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert 1 <= usage["completion_tokens"] <= 5
+
+
+def chat_shape(response: httpx.Response, _ctx: Context) -> None:
+    data = response.json()
+    assert data["object"] == "chat.completion"
+    message = data["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    assert isinstance(message["content"], str)
+    usage = data["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def sse_stream(response: httpx.Response, _ctx: Context) -> None:
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [
+        line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")
+    ]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert chunks, "no chunks before [DONE]"
+    assert chunks[-1]["choices"] == [], "last chunk before [DONE] must carry the usage"
+    assert chunks[-1]["usage"]["completion_tokens"] >= 1
+    assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks)
+
+
+def exports_vllm_metrics(response: httpx.Response, _ctx: Context) -> None:
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+        assert name in response.text, f"{name} missing from /metrics"
+    assert (
+        "vllm:kv_cache_usage_perc" in response.text or "vllm:gpu_cache_usage_perc" in response.text
+    )
+
+
+# --- the table ------------------------------------------------------------------------
+
+LOAD = "/v1/load_lora_adapter"
+UNLOAD = "/v1/unload_lora_adapter"
+LOAD_GOOD = {"lora_name": "{name}", "lora_path": "{good}"}
+PROMPT = {"prompt": "The food was", "max_tokens": 5}
+
+CASES: tuple[Case, ...] = (
+    Case("health", (Step("GET", "/health", 200),)),
+    Case("version", (Step("GET", "/version", 200, checks=(lambda r, _c: r.json()["version"],)),)),
+    Case("models-base-card", (Step("GET", "/v1/models", 200, checks=(base_card_first,)),)),
+    Case("metrics", (Step("GET", "/metrics", 200, checks=(exports_vllm_metrics,)),)),
+    Case(
+        "unknown-route",
+        (
+            Step(
+                "GET", "/v1/nope", 404, checks=(lambda r, _c: r.json() == {"detail": "Not Found"},)
+            ),
+        ),
+    ),
+    Case(
+        "load-serve-unload",
+        (
+            Step(
+                "POST",
+                LOAD,
+                200,
+                body=LOAD_GOOD,
+                checks=(is_text_plain,),
+                text="Success: LoRA adapter '{name}' added successfully.",
+            ),
+            Step("GET", "/v1/models", 200, checks=(lists_adapter("good"),)),
+            Step(
+                "POST",
+                "/v1/completions",
+                200,
+                body={"model": "{name}", **PROMPT},
+                checks=(completion_shape, served_by("{name}")),
+            ),
+            Step(
+                "POST",
+                UNLOAD,
+                200,
+                body={"lora_name": "{name}"},
+                checks=(is_text_plain,),
+                text="Success: LoRA adapter '{name}' removed successfully.",
+            ),
+            Step("GET", "/v1/models", 200, checks=(lacks_adapter,)),
+            Step(
+                "POST",
+                "/v1/completions",
+                404,
+                body={"model": "{name}", **PROMPT},
+                error_type="NotFoundError",
+                message_contains="The model `{name}` does not exist.",
+            ),
+        ),
+    ),
+    Case(
+        "duplicate-load",
+        (
+            Step("POST", LOAD, 200, body=LOAD_GOOD),
+            Step(
+                "POST",
+                LOAD,
+                400,
+                body=LOAD_GOOD,
+                error_type="InvalidUserInput",
+                message_contains="has already been loaded. If you want to load the adapter "
+                "in place, set 'load_inplace' to True.",
+            ),
+            Step("POST", UNLOAD, 200, body={"lora_name": "{name}"}),
+        ),
+    ),
+    Case(
+        "load-inplace-switches-root",
+        (
+            Step("POST", LOAD, 200, body=LOAD_GOOD),
+            Step(
+                "POST",
+                LOAD,
+                200,
+                body={"lora_name": "{name}", "lora_path": "{good2}", "load_inplace": True},
+            ),
+            Step("GET", "/v1/models", 200, checks=(lists_adapter("good2"),)),
+            Step("POST", UNLOAD, 200, body={"lora_name": "{name}"}),
+        ),
+    ),
+    Case(
+        "load-missing-path",
+        (
+            Step(
+                "POST",
+                LOAD,
+                404,
+                body={"lora_name": "{name}", "lora_path": "{missing}"},
+                error_type="NotFoundError",
+                message_contains="Loading lora {name} failed: No adapter found for {missing}",
+            ),
+            Step("GET", "/v1/models", 200, checks=(lacks_adapter,)),
+        ),
+    ),
+    Case(
+        "load-dir-without-config",
+        (
+            Step(
+                "POST",
+                LOAD,
+                404,
+                body={"lora_name": "{name}", "lora_path": "{empty}"},
+                error_type="NotFoundError",
+                message_contains="No adapter found for {empty}",
+            ),
+        ),
+    ),
+    Case(
+        "load-rank-too-big",
+        (
+            Step(
+                "POST",
+                LOAD,
+                500,
+                body={"lora_name": "{name}", "lora_path": "{big}"},
+                error_type="InternalServerError",
+                message_contains="is greater than max_lora_rank",
+            ),
+            Step("GET", "/v1/models", 200, checks=(lacks_adapter,)),
+        ),
+    ),
+    Case(
+        "load-missing-field",
+        (
+            Step(
+                "POST",
+                LOAD,
+                400,
+                body={"lora_name": "{name}"},
+                error_type="Bad Request",
+                param="body.lora_path",
+            ),
+        ),
+    ),
+    Case(
+        "load-malformed-json",
+        (Step("POST", LOAD, 400, raw=b'{"lora_name": "x", ', error_type="Bad Request"),),
+    ),
+    Case(
+        "unload-unknown",
+        (Step("POST", UNLOAD, 404, body={"lora_name": "{name}"}, error_type="NotFoundError"),),
+    ),
+    Case(
+        "unload-missing-field",
+        (Step("POST", UNLOAD, 400, body={}, error_type="Bad Request", param="body.lora_name"),),
+    ),
+    Case(
+        "completion-base",
+        (
+            Step(
+                "POST",
+                "/v1/completions",
+                200,
+                body={"model": "{base}", **PROMPT},
+                checks=(completion_shape, served_by("{base}")),
+            ),
+        ),
+    ),
+    Case(
+        "completion-unknown-model",
+        (
+            Step(
+                "POST",
+                "/v1/completions",
+                404,
+                body={"model": "{name}", **PROMPT},
+                error_type="NotFoundError",
+                message_contains="The model `{name}` does not exist.",
+            ),
+        ),
+    ),
+    Case(
+        "completion-missing-prompt",
+        (
+            Step(
+                "POST",
+                "/v1/completions",
+                400,
+                body={"model": "{base}"},
+                error_type="Bad Request",
+                param="body.prompt",
+            ),
+        ),
+    ),
+    Case(
+        "completion-wrong-type",
+        (
+            Step(
+                "POST",
+                "/v1/completions",
+                400,
+                body={"model": "{base}", "prompt": "x", "max_tokens": "many"},
+                error_type="Bad Request",
+                param="body.max_tokens",
+            ),
+        ),
+    ),
+    Case(
+        "completion-malformed-json",
+        (Step("POST", "/v1/completions", 400, raw=b"{not json", error_type="Bad Request"),),
+    ),
+    Case(
+        "completion-stream",
+        (
+            Step(
+                "POST",
+                "/v1/completions",
+                200,
+                body={
+                    "model": "{base}",
+                    **PROMPT,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+                checks=(sse_stream,),
+            ),
+        ),
+    ),
+    Case(
+        "chat-base",
+        (
+            Step(
+                "POST",
+                "/v1/chat/completions",
+                200,
+                body={
+                    "model": "{base}",
+                    "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "Rate the soup"}],
+                },
+                checks=(chat_shape, served_by("{base}")),
+            ),
+        ),
+    ),
+    Case(
+        "chat-stream",
+        (
+            Step(
+                "POST",
+                "/v1/chat/completions",
+                200,
+                body={
+                    "model": "{base}",
+                    "max_tokens": 5,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "messages": [{"role": "user", "content": "Rate the soup"}],
+                },
+                checks=(sse_stream,),
+            ),
+        ),
+    ),
+    Case(
+        "chat-messages-wrong-type",
+        (
+            Step(
+                "POST",
+                "/v1/chat/completions",
+                400,
+                body={"model": "{base}", "messages": "hi"},
+                error_type="Bad Request",
+                param="body.messages",
+            ),
+        ),
+    ),
+)
