@@ -1,0 +1,174 @@
+"""Simulator behaviours beyond the shared contract table: gates, auth, streams, text."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.conftest import SimulatorFactory
+
+FAST = ("--time-scale", "0")
+
+
+@pytest.mark.parametrize("env_value", [None, "0", "false", "yes"])
+def test_load_routes_absent_unless_env_enables_them(
+    start_simulator: SimulatorFactory, adapters: Callable[..., str], env_value: str | None
+) -> None:
+    env = {} if env_value is None else {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": env_value}
+    sim = start_simulator(*FAST, env=env)
+    with sim.client() as client:
+        for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            answer = client.post(route, json={"lora_name": "a", "lora_path": adapters()})
+            assert answer.status_code == 404
+            assert answer.json() == {"detail": "Not Found"}
+
+
+@pytest.mark.parametrize("env_value", ["true", " TRUE ", "1"])
+def test_env_spellings_vllm_accepts(
+    start_simulator: SimulatorFactory, adapters: Callable[..., str], env_value: str
+) -> None:
+    sim = start_simulator(*FAST, env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": env_value})
+    with sim.client() as client:
+        answer = client.post(
+            "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": adapters()}
+        )
+        assert answer.status_code == 200
+
+
+def test_dev_flag_forces_runtime_updating_on(
+    start_simulator: SimulatorFactory, adapters: Callable[..., str]
+) -> None:
+    sim = start_simulator(*FAST, "--allow-runtime-lora-updating", env={})
+    with sim.client() as client:
+        answer = client.post(
+            "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": adapters()}
+        )
+        assert answer.status_code == 200
+
+
+def test_api_key_guards_v1_routes_only(start_simulator: SimulatorFactory) -> None:
+    sim = start_simulator(*FAST, "--api-key", "s3cret")
+    with sim.client() as client:
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models").json() == {"error": "Unauthorized"}
+        wrong = {"Authorization": "Bearer nope"}
+        assert client.get("/v1/models", headers=wrong).status_code == 401
+        assert (
+            client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        )
+        assert client.get("/health").status_code == 200
+        assert client.get("/metrics").status_code == 200
+    assert "s3cret" not in sim.process.log_path.read_text()
+
+
+def test_lora_modules_are_registered_at_start(
+    start_simulator: SimulatorFactory, adapters: Callable[..., str]
+) -> None:
+    first, second = adapters("first"), adapters("second")
+    sim = start_simulator(
+        *FAST, "--lora-modules", f"first={first}", json.dumps({"name": "second", "path": second})
+    )
+    with sim.client() as client:
+        cards = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+    assert cards["first"]["root"] == first
+    assert cards["second"]["root"] == second
+
+
+def test_served_model_name_aliases_answer_with_the_first_name(
+    start_simulator: SimulatorFactory,
+) -> None:
+    sim = start_simulator(*FAST, "--served-model-name", "base", "alias")
+    with sim.client() as client:
+        answer = client.post("/v1/completions", json={"model": "alias", "prompt": "hi"})
+        assert answer.json()["model"] == "base"
+        no_model = client.post("/v1/completions", json={"prompt": "hi"})
+        assert no_model.json()["model"] == "base"
+
+
+def test_text_depends_on_the_serving_weights(
+    start_simulator: SimulatorFactory, adapters: Callable[..., str]
+) -> None:
+    sim = start_simulator(*FAST)
+    one, two = adapters("one"), adapters("two")
+    body = {"prompt": "Describe the soup", "max_tokens": 20}
+    with sim.client() as client:
+        client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": one})
+        client.post("/v1/load_lora_adapter", json={"lora_name": "y", "lora_path": one})
+        client.post("/v1/load_lora_adapter", json={"lora_name": "z", "lora_path": two})
+
+        def text(model: str) -> str:
+            answer = client.post("/v1/completions", json={"model": model, **body})
+            return str(answer.json()["choices"][0]["text"])
+
+        assert text("x") == text("x")
+        assert text("x") == text("y"), "same files, same weights, same text"
+        assert text("x") != text("z")
+        before = text("x")
+        reloaded = client.post(
+            "/v1/load_lora_adapter",
+            json={"lora_name": "x", "lora_path": two, "load_inplace": True},
+        )
+        assert reloaded.status_code == 200
+        assert text("x") == text("z"), "in-place reload serves the new weights"
+        assert text("x") != before
+
+
+def sse_chunks(response: httpx.Response) -> list[dict[str, object]]:
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+def test_chat_stream_deltas_rebuild_the_non_streamed_answer(
+    start_simulator: SimulatorFactory,
+) -> None:
+    sim = start_simulator(*FAST)
+    body = {"messages": [{"role": "user", "content": "Rate the noodles"}], "max_tokens": 12}
+    with sim.client() as client:
+        whole = client.post("/v1/chat/completions", json=body).json()
+        streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
+    chunks = sse_chunks(streamed)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    deltas = [c["choices"][0]["delta"] for c in chunks]  # type: ignore[index]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    text = "".join(str(d.get("content", "")) for d in deltas)
+    assert text == whole["choices"][0]["message"]["content"]
+    assert "usage" not in chunks[-1], "vLLM sends usage only when stream_options asks"
+
+
+def test_force_include_usage_adds_the_usage_chunk(start_simulator: SimulatorFactory) -> None:
+    sim = start_simulator(*FAST, "--enable-force-include-usage")
+    with sim.client() as client:
+        streamed = client.post(
+            "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True}
+        )
+    last = sse_chunks(streamed)[-1]
+    assert last["choices"] == []
+    assert last["usage"] == {
+        "prompt_tokens": 1,
+        "completion_tokens": 3,
+        "total_tokens": 4,
+        "prompt_tokens_details": None,
+    }
+
+
+def test_batch_prompts_and_n_give_one_choice_each(start_simulator: SimulatorFactory) -> None:
+    sim = start_simulator(*FAST)
+    with sim.client() as client:
+        answer = client.post(
+            "/v1/completions", json={"prompt": ["one", "two"], "n": 2, "max_tokens": 4}
+        ).json()
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+    assert answer["usage"]["completion_tokens"] == 16
+
+
+def test_context_length_is_enforced(start_simulator: SimulatorFactory) -> None:
+    sim = start_simulator(*FAST, "--max-model-len", "32")
+    with sim.client() as client:
+        answer = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 100})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["type"] == "BadRequestError"
+    assert "maximum context length is 32 tokens" in answer.json()["error"]["message"]
