@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from loractl.peft import PeftConfigError, PeftProblem, read_peft_config
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
 FINGERPRINT_BYTES = 1 << 20
@@ -16,7 +17,7 @@ class AdapterNotFound(Exception):
 
 
 class AdapterInvalid(Exception):
-    """The adapter exists but the engine cannot take it (vLLM answers 500)."""
+    """The adapter exists but cannot be loaded as a LoRA (vLLM answers 400)."""
 
 
 @dataclass(frozen=True)
@@ -31,29 +32,22 @@ class AdapterArtifact:
 
 def read_adapter(path: str) -> AdapterArtifact:
     directory = Path(path)
-    config_file = directory / "adapter_config.json"
-    if not directory.is_dir() or not config_file.is_file():
-        raise AdapterNotFound(f"No adapter found for {path}")
-    raw = config_file.read_bytes()
     try:
-        config = json.loads(raw)
-        rank = int(config["r"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise AdapterInvalid(f"adapter_config.json in {path} has no integer 'r': {exc}") from exc
-    peft_type = str(config.get("peft_type", "LORA"))
-    if peft_type.upper() != "LORA":
-        raise AdapterInvalid(f"Only LoRA adapters are supported, {path} is {peft_type}")
-    digest = hashlib.sha256(raw)
+        config = read_peft_config(directory)
+    except PeftConfigError as exc:
+        if exc.problem is PeftProblem.MISSING:
+            raise AdapterNotFound(f"No adapter found for {path}") from exc
+        raise AdapterInvalid(str(exc)) from exc
+    digest = hashlib.sha256(config.raw)
     for name in WEIGHT_FILES:
         weights = directory / name
         if weights.is_file():
             with weights.open("rb") as handle:
                 digest.update(handle.read(FINGERPRINT_BYTES))
-    base = config.get("base_model_name_or_path")
     return AdapterArtifact(
         path=path,
-        rank=rank,
-        peft_type=peft_type,
-        base_model=str(base) if base is not None else None,
+        rank=config.rank,
+        peft_type=config.peft_type,
+        base_model=config.base_model,
         fingerprint=digest.hexdigest()[:16],
     )
