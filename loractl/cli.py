@@ -10,11 +10,12 @@ import argparse
 from collections.abc import Callable, Sequence
 
 from loractl import __version__
+from sidecar import cli as sidecar_cli
 from simulator import cli as simulator_cli
 
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
-REGISTRARS: tuple[Registrar, ...] = (simulator_cli.register,)
+REGISTRARS: tuple[Registrar, ...] = (sidecar_cli.register, simulator_cli.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

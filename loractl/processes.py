@@ -99,6 +99,11 @@ class ChildProcess:
 
         self.wait_until(answers, timeout, what=f"answering 200 on {url}")
 
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit on its own; its exit code."""
+        assert self._popen is not None, f"{self.name} was never started"
+        return self._popen.wait(timeout)
+
     def signal(self, signum: int) -> None:
         if self.alive():
             with contextlib.suppress(ProcessLookupError):

@@ -9,6 +9,7 @@ import pytest
 
 from loractl.processes import ChildProcess
 from simulator.adapter_files import write_adapter
+from tests.support.sidecars import RunningSidecar, sidecar_process
 from tests.support.simulators import RunningSimulator, simulator_process
 
 FAST = ("--time-scale", "0")
@@ -54,3 +55,23 @@ def adapters(tmp_path: Path) -> Callable[..., str]:
         return str(write_adapter(directory, seed=seed, **kwargs))  # type: ignore[arg-type]
 
     return make
+
+
+SidecarFactory = Callable[..., RunningSidecar]
+
+
+@pytest.fixture
+def start_sidecar(children: list[ChildProcess], tmp_path: Path) -> SidecarFactory:
+    """Start `loractl sidecar` against a vLLM URL with a kubelet-style config directory."""
+    counter = iter(range(1000))
+
+    def start(
+        vllm_url: str, config_text: str | None, *args: str, env: dict[str, str] | None = None
+    ) -> RunningSidecar:
+        work_dir = tmp_path / f"sidecar-{next(counter)}"
+        sidecar = sidecar_process(work_dir, vllm_url, config_text, *args, env=env)
+        children.append(sidecar.process.start())
+        sidecar.process.wait_http_ok(f"{sidecar.url}/healthz")
+        return sidecar
+
+    return start
