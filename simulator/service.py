@@ -17,7 +17,7 @@ from simulator.metrics import SimMetrics
 from simulator.protocol import RequestError, not_found_model
 from simulator.residency import LoraResidency
 from simulator.settings import SimSettings
-from simulator.textgen import Completion
+from simulator.textgen import complete
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class Simulator:
                     "max_tokens",
                 )
             for sample in range(n):
-                tokens, finish = Completion(target.weights_identity, text, sample).tokens(wanted)
+                tokens, finish = complete(target.weights_identity, text, wanted, sample)
                 seq = Sequence(
                     lora=target.lora,
                     prompt_tokens=prompt_tokens,
@@ -130,7 +130,10 @@ class Simulator:
         return choices
 
     async def run_all(self, choices: list[PlannedChoice]) -> None:
-        await asyncio.gather(*(self._run_to_end(choice.seq) for choice in choices))
+        if len(choices) == 1:  # the common case; gather would cost a task per request
+            await self._run_to_end(choices[0].seq)
+        else:
+            await asyncio.gather(*(self._run_to_end(choice.seq) for choice in choices))
 
     async def _run_to_end(self, seq: Sequence) -> None:
         async with aclosing(self.engine.generate(seq)) as tokens:

@@ -117,17 +117,15 @@ def chat_prompt_tokens(contents: list[str]) -> int:
     )
 
 
-class Completion:
-    """The tokens one (weights, prompt) pair produces, up to the model's natural stop."""
-
-    def __init__(self, weights_identity: str, prompt: str, seed_index: int = 0) -> None:
-        digest = hashlib.sha256(f"{weights_identity}\x00{seed_index}\x00{prompt}".encode())
-        rng = random.Random(digest.digest())
-        natural = rng.randint(MIN_NATURAL_TOKENS, MAX_NATURAL_TOKENS)
-        self.natural_tokens = [" " + rng.choice(VOCABULARY) for _ in range(natural)]
-
-    def tokens(self, max_tokens: int) -> tuple[list[str], str]:
-        """The tokens emitted under `max_tokens` and vLLM's finish_reason for them."""
-        if max_tokens < len(self.natural_tokens):
-            return self.natural_tokens[:max_tokens], "length"
-        return self.natural_tokens, "stop"
+def complete(
+    weights_identity: str, prompt: str, max_tokens: int, sample: int = 0
+) -> tuple[list[str], str]:
+    """The tokens one (weights, prompt, sample) produces under `max_tokens`, and vLLM's
+    finish_reason: `stop` at the model's natural end, `length` when cut short."""
+    digest = hashlib.sha256(f"{weights_identity}\x00{sample}\x00{prompt}".encode())
+    rng = random.Random(digest.digest())
+    natural = rng.randint(MIN_NATURAL_TOKENS, MAX_NATURAL_TOKENS)
+    # Draw only what is emitted: a prefix of the same random sequence, so the same text.
+    emitted = min(natural, max_tokens)
+    tokens = [" " + rng.choice(VOCABULARY) for _ in range(emitted)]
+    return tokens, "length" if emitted < natural else "stop"
