@@ -12,7 +12,7 @@ counted, then for the measured window; only responses that complete inside the
 window count. CPU time of the server and of the load processes over the window
 is reported too, so a reader can tell which side was the bottleneck.
 
-    python bench/sim_throughput.py [--duration 10] [--warmup 1] [--concurrency 64]
+    python -m bench.sim_throughput [--duration 10] [--warmup 1] [--concurrency 64]
                                    [--clients 1] [--no-pin] [--max-requests N] [--json-only]
 
 By default the server is pinned to one core and the load generator to the others, so

@@ -102,6 +102,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=1.0,
         help="first retry delay after a failure, doubled each time",
     )
+    parser.add_argument(
+        "--download-timeout",
+        type=float,
+        default=600.0,
+        help="seconds one hub download may take before it is killed and retried",
+    )
     parser.add_argument("--backoff-max", type=float, default=300.0, help="retry delay cap")
     parser.add_argument(
         "--watch-configmap",
@@ -159,7 +165,11 @@ def run(args: argparse.Namespace) -> int:
 async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     settings = settings_from_args(args)
-    fetcher = AdapterFetcher(settings.adapter_dir, token=os.environ.get("HF_TOKEN") or None)
+    fetcher = AdapterFetcher(
+        settings.adapter_dir,
+        token=os.environ.get("HF_TOKEN") or None,
+        download_timeout=args.download_timeout,
+    )
     reconciler = Reconciler(settings, fetcher)
     runner = web.AppRunner(build_app(reconciler), access_log=None, handle_signals=False)
     await runner.setup()

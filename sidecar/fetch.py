@@ -1,7 +1,8 @@
 """Put an adapter on local disk, verified, before vLLM is asked to load it.
 
 Hub adapters go through the ordinary Hugging Face cache (`snapshot_download`,
-which honours HF_TOKEN, HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE), then only
+run in a child process by `sidecar.hub`; it honours HF_TOKEN, HF_HOME,
+HF_HUB_CACHE and HF_HUB_OFFLINE), then only
 the adapter files are copied to `adapter_dir/<adapter id>/<commit sha>/`. The
 copy is what vLLM gets: its `lora_path` must stay on disk while the adapter is
 registered, and the hub cache may be pruned independently of that.
@@ -20,24 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import (
-    DisabledRepoError,
-    GatedRepoError,
-    HfHubHTTPError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-
 from loractl.peft import CONFIG_FILE, PeftConfig, PeftConfigError, PeftProblem, read_peft_config
+from sidecar import hub
 from sidecar.failures import AdapterFailure, FailureReason
 from sidecar.sources import HuggingFaceSource, LocalSource, Source
 
@@ -67,9 +58,12 @@ class FetchedAdapter:
 
 
 class AdapterFetcher:
-    def __init__(self, adapter_dir: Path, token: str | None = None) -> None:
+    def __init__(
+        self, adapter_dir: Path, token: str | None = None, download_timeout: float = 600.0
+    ) -> None:
         self._adapter_dir = adapter_dir
         self._token = token
+        self._download_timeout = download_timeout
 
     async def fetch(self, adapter_id: str, source: Source) -> FetchedAdapter:
         """Raises `AdapterFailure` for every way the adapter can be unavailable."""
@@ -129,25 +123,17 @@ class AdapterFetcher:
     def _download(self, adapter_id: str, source: HuggingFaceSource) -> Path:
         """The snapshot folder in the hub cache; its name is the resolved commit sha."""
         try:
-            folder = snapshot_download(
+            return hub.download_in_child(
                 source.repo_id,
-                revision=source.revision,
-                allow_patterns=[_inside_pattern(source.subfolder, name) for name in ADAPTER_FILES],
-                token=self._token,
+                source.revision,
+                [_inside_pattern(source.subfolder, name) for name in ADAPTER_FILES],
+                self._token,
+                self._download_timeout,
             )
-        # The hub client raises its own errors and, depending on its version, those of its
-        # HTTP library; anything it raises means this fetch failed, and how is sorted below.
-        except Exception as exc:
-            reason, problem = _explain_hub_error(exc)
-            message = f"adapter {adapter_id!r} from {source.key()}: {problem}"
-            raise AdapterFailure(reason, self._redact(message)) from exc
-        return Path(folder)
-
-    def _redact(self, text: str) -> str:
-        for secret in (self._token, os.environ.get("HF_TOKEN")):
-            if secret:
-                text = text.replace(secret, "***")
-        return text
+        except AdapterFailure as failure:
+            raise AdapterFailure(
+                failure.reason, f"adapter {adapter_id!r} from {source.key()}: {failure.message}"
+            ) from failure
 
 
 def _fetch_local(adapter_id: str, source: LocalSource) -> FetchedAdapter:
@@ -233,71 +219,3 @@ def _disk_failure(
         f"adapter {adapter_id!r} from {source.key()}: cannot write {destination}: "
         f"{exc.strerror or exc}; {fix}",
     )
-
-
-def _explain_hub_error(exc: BaseException) -> tuple[FailureReason, str]:
-    """Sort a hub failure by what the operator must do about it.
-
-    `snapshot_download` falls back to its cache on most errors and, when that fails too,
-    raises a `LocalEntryNotFoundError` whose cause is the original error; hence the walk.
-    """
-    error = exc
-    while True:
-        explained = _explain_one(error)
-        if explained is not None:
-            return explained
-        if error.__cause__ is None:
-            break
-        error = error.__cause__
-    return (
-        FailureReason.TRANSIENT,
-        f"the hub could not be reached and the local hub cache does not have it "
-        f"({type(error).__name__}: {_first_line(error)}); will retry",
-    )
-
-
-def _explain_one(error: BaseException) -> tuple[FailureReason, str] | None:
-    if isinstance(error, GatedRepoError):
-        return FailureReason.CONFIGURATION, (
-            "the repository is gated; request access on the hub with an account and give the "
-            "sidecar that account's token in HF_TOKEN"
-        )
-    if isinstance(error, RepositoryNotFoundError):
-        return FailureReason.BAD_ARTIFACT, (
-            "no such repository on the hub; fix the source, or if the repository is private, "
-            "give the sidecar a token with access in HF_TOKEN"
-        )
-    if isinstance(error, RevisionNotFoundError):
-        return FailureReason.BAD_ARTIFACT, (
-            "the revision does not exist in the repository; fix the revision"
-        )
-    if isinstance(error, DisabledRepoError):
-        return FailureReason.BAD_ARTIFACT, (
-            "the repository has been disabled on the hub; choose another source"
-        )
-    if isinstance(error, HfHubHTTPError):
-        return _explain_status(error.response.status_code, error)
-    if isinstance(error, OfflineModeIsEnabled):
-        return FailureReason.TRANSIENT, (
-            "not in the local hub cache (HF_HUB_CACHE), and HF_HUB_OFFLINE forbids downloading "
-            "it; will retry; put it in the cache or unset HF_HUB_OFFLINE"
-        )
-    return None
-
-
-def _explain_status(status: int, error: HfHubHTTPError) -> tuple[FailureReason, str]:
-    if status in (401, 403):
-        return FailureReason.CONFIGURATION, (
-            f"the hub refused access (HTTP {status}); set HF_TOKEN to a valid token that can "
-            "read this repository"
-        )
-    if status in (400, 404, 410):
-        return FailureReason.BAD_ARTIFACT, (
-            f"the hub answered HTTP {status} ({_first_line(error)}); fix the source"
-        )
-    return FailureReason.TRANSIENT, f"the hub answered HTTP {status}; will retry"
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__

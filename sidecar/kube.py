@@ -34,7 +34,7 @@ WATCH_SECONDS = 30
 WATCH_REQUEST_TIMEOUT = (CONNECT_TIMEOUT, WATCH_SECONDS + 5.0)
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 15.0
-STOP_WAIT = 2.0
+STOP_WAIT = 1.0
 MERGE_PATCH = "application/merge-patch+json"
 
 
@@ -64,7 +64,7 @@ def kube_api_client() -> ApiClient:
     return ApiClient(configuration)
 
 
-def describe(error: Exception) -> str:
+def _describe(error: Exception) -> str:
     """An error for the log: status and reason only, since API errors carry the response
     headers and body, which are no business of a log line."""
     if isinstance(error, ApiException):
@@ -113,6 +113,8 @@ class ConfigMapWatcher:
         self._thread.start()
 
     def stop(self) -> None:
+        """Returns within STOP_WAIT. A thread still connecting then may outlive it (it is a
+        daemon) but delivers nothing more."""
         self._stopping.set()
         thread, self._thread = self._thread, None
         deadline = time.monotonic() + STOP_WAIT
@@ -147,7 +149,7 @@ class ConfigMapWatcher:
             field_selector=f"metadata.name={self._name}",
             _request_timeout=REQUEST_TIMEOUT,
         )
-        # Filtered again: a field selector is a request the server may not honour.
+        # Filtered again: not every server honours field selectors (emulators often do not).
         found = [
             item for item in listing.items if item.metadata and item.metadata.name == self._name
         ]
@@ -210,7 +212,7 @@ class _FailureStreak:
     def record(self, error: Exception) -> float:
         if self._count == 0:
             log.warning("configmap watch failing; retrying with backoff",
-                        error=describe(error), **self._context)  # fmt: skip
+                        error=_describe(error), **self._context)  # fmt: skip
         delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2.0**self._count)
         self._count += 1
         return delay
@@ -243,7 +245,7 @@ class PodAnnotator:
                 await asyncio.to_thread(self._patch, summary)
             except Exception as error:  # the annotation is informational, the sidecar goes on
                 log.warning("pod annotation not published", namespace=self._namespace,
-                            pod=self._pod_name, error=describe(error))  # fmt: skip
+                            pod=self._pod_name, error=_describe(error))  # fmt: skip
                 return
             self._published = summary
 

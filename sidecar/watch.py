@@ -72,7 +72,7 @@ class ConfigFileWatcher:
         self._observer: InotifyObserver | None = None
         self._pending: asyncio.TimerHandle | None = None
         self._retry: asyncio.TimerHandle | None = None
-        self._missing_since_warned = False
+        self._warned_missing = False
 
     def start(self) -> None:
         self._running = True
@@ -98,19 +98,19 @@ class ConfigFileWatcher:
             self._wait_for_directory(error)
             return
         log.info("watching config directory", directory=str(self._directory))
-        self._missing_since_warned = False
+        self._warned_missing = False
         if announce:
             self._arm()
 
     def _wait_for_directory(self, error: OSError) -> None:
-        if not self._missing_since_warned:
+        if not self._warned_missing:
             log.warning(
                 "config directory cannot be watched yet; retrying",
                 directory=str(self._directory),
                 error=f"{type(error).__name__}: {error.strerror or error}",
                 retry_seconds=self._retry_interval,
             )
-            self._missing_since_warned = True
+            self._warned_missing = True
         self._retry = self._loop.call_later(self._retry_interval, self._try_start, True)
 
     def _start_observer(self) -> InotifyObserver:

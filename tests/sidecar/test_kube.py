@@ -45,7 +45,8 @@ EXPIRED = {
 }
 
 
-def use_kubeconfig(server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ApiClient:
+def use_kubeconfig(server: str, path: Path, monkeypatch: pytest.MonkeyPatch) -> ApiClient:
+    """An API client made the production way, from a kubeconfig naming `server`."""
     kubeconfig = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -54,7 +55,6 @@ def use_kubeconfig(server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
         "current-context": "test",
     }
-    path = tmp_path / f"kubeconfig-{len(list(tmp_path.glob('kubeconfig-*')))}"
     path.write_text(yaml.safe_dump(kubeconfig))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(path))
@@ -67,7 +67,7 @@ def api(
 ) -> Iterator[ApiClient]:
     kmock.resources[CONFIGMAPS] = ResourceInfo(namespaced=True, kind="ConfigMap")
     kmock.resources["v1/pods"] = ResourceInfo(namespaced=True, kind="Pod")
-    client = use_kubeconfig(str(kmock.url).rstrip("/"), tmp_path, monkeypatch)
+    client = use_kubeconfig(str(kmock.url).rstrip("/"), tmp_path / "kubeconfig", monkeypatch)
     yield client
     client.close()  # type: ignore[no-untyped-call]
 
@@ -142,7 +142,7 @@ async def test_the_current_content_comes_first_and_updates_follow_quickly(
     api: ApiClient,
 ) -> None:
     await create_configmap(api, {KEY: "version: 1"})
-    await create_configmap(api, {KEY: "not ours"}, name="other")
+    await create_configmap(api, {KEY: "not ours"}, name="other")  # kmock lists and streams it
     deliveries = Deliveries()
     with watching(api, deliveries):
         assert await deliveries.next() == "version: 1"
@@ -218,6 +218,8 @@ async def test_an_expired_watch_relists_and_delivers_what_changed_meanwhile(
     with capture_logs() as logs, watching(api, deliveries):
         assert await deliveries.next() == "version: 1"
         assert await deliveries.next() == "version: 2"
+        await patch_configmap(api, {KEY: "version: 3"})
+        assert await deliveries.next() == "version: 3"  # and the new watch holds
     assert len(kmock["list"]) == 2
     assert [entry["event"] for entry in logs] == ["configmap watch expired; relisting"]
 
@@ -251,7 +253,7 @@ class CuttableProxy:
     def __init__(self, upstream_port: int) -> None:
         self._upstream_port = upstream_port
         self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
         self.up = True
 
     async def serve(self) -> asyncio.Server:
@@ -306,7 +308,7 @@ async def test_a_dropped_connection_is_survived(
 ) -> None:
     cuttable, url = proxy
     await create_configmap(api, {KEY: "version: 1"})
-    through_proxy = use_kubeconfig(url, tmp_path, monkeypatch)
+    through_proxy = use_kubeconfig(url, tmp_path / "kubeconfig-proxy", monkeypatch)
     deliveries = Deliveries()
     with capture_logs() as logs, watching(through_proxy, deliveries):
         assert await deliveries.next() == "version: 1"
@@ -340,10 +342,7 @@ async def test_stop_returns_promptly_and_nothing_is_delivered_after(api: ApiClie
 
 
 def pod_annotations(kmock: KubernetesEmulator) -> dict[str, str]:
-    annotations: dict[str, str] = kmock.objects["v1/pods", NAMESPACE, POD]["metadata"][
-        "annotations"
-    ]
-    return annotations
+    return dict(kmock.objects["v1/pods", NAMESPACE, POD]["metadata"]["annotations"])
 
 
 @pytest.mark.asyncio
