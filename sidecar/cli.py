@@ -113,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--watch-configmap",
         metavar="NAMESPACE/NAME",
         help="also watch the ConfigMap through the Kubernetes API, to react in well under a "
-        "second instead of waiting for the kubelet (needs get/watch on it)",
+        "second instead of waiting for the kubelet (needs list/watch on it)",
     )
     parser.add_argument(
         "--annotate-pod",

@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-import yaml
 from kmock import KubernetesEmulator, ResourceInfo
 from kubernetes.client import ApiClient, CoreV1Api
 from kubernetes.config.incluster_config import SERVICE_TOKEN_FILENAME
 from structlog.testing import capture_logs
 
 from sidecar.kube import ConfigMapWatcher, KubeConfigError, PodAnnotator, kube_api_client
+from tests.support.kube import call, use_kubeconfig
 
 NAMESPACE = "serving"
 NAME = "adapters"
@@ -45,22 +45,6 @@ EXPIRED = {
 }
 
 
-def use_kubeconfig(server: str, path: Path, monkeypatch: pytest.MonkeyPatch) -> ApiClient:
-    """An API client made the production way, from a kubeconfig naming `server`."""
-    kubeconfig = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "test", "cluster": {"server": server}}],
-        "users": [{"name": "test", "user": {}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
-        "current-context": "test",
-    }
-    path.write_text(yaml.safe_dump(kubeconfig))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.setenv("KUBECONFIG", str(path))
-    return kube_api_client()
-
-
 @pytest.fixture
 def api(
     kmock: KubernetesEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -70,11 +54,6 @@ def api(
     client = use_kubeconfig(str(kmock.url).rstrip("/"), tmp_path / "kubeconfig", monkeypatch)
     yield client
     client.close()  # type: ignore[no-untyped-call]
-
-
-async def call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """The official client blocks, and kmock serves on this very loop: call it from a thread."""
-    return await asyncio.to_thread(function, *args, **kwargs)
 
 
 async def create_configmap(api: ApiClient, data: dict[str, str], name: str = NAME) -> None:
