@@ -276,3 +276,23 @@ def test_hugging_face_source_offline_from_a_prepared_cache(
     sidecar.wait_states(food="unloaded")
     assert not (sidecar.adapter_dir / "food").exists(), "cached copy deleted after unload"
     assert "hf_never_print_me" not in sidecar.process.log_path.read_text()
+
+
+def test_base_model_mismatch_is_a_warning_not_a_failure(
+    start_simulator: SimulatorFactory,
+    start_sidecar: SidecarFactory,
+    adapters: Callable[..., str],
+) -> None:
+    sim = start_simulator(*FAST)
+    trained_elsewhere = adapters("elsewhere", base_model="mistralai/Mistral-7B-v0.1")
+    matching = adapters("matching", base_model="meta-llama/Llama-3.1-8B-Instruct")
+    config = adapter_config(
+        {"elsewhere": trained_elsewhere, "matching": matching},
+        defaultBaseModel="meta-llama/Llama-3.1-8B-Instruct",
+    )
+    sidecar = start_sidecar(sim.url, config)
+    status = sidecar.wait_states(elsewhere="loaded", matching="loaded")
+    [warning] = status["adapters"]["elsewhere"]["warnings"]
+    assert "mistralai/Mistral-7B-v0.1" in warning
+    assert status["adapters"]["matching"]["warnings"] == []
+    assert '"event": "base_model_mismatch"' in sidecar.process.log_path.read_text()
