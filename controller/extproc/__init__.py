@@ -1,0 +1,1 @@
+"""Envoy ext_proc endpoint picker protocol (DESIGN §3)."""

@@ -1,0 +1,1 @@
+"""Endpoint scheduling: filters → weighted scorers → picker, configured by a YAML profile."""
