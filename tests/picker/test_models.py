@@ -71,7 +71,8 @@ def test_rewrite_rules_and_criticality() -> None:
         ]
     )
     chat, batch = table.resolve("chat"), table.resolve("batch")
-    assert chat is not None and batch is not None
+    assert chat is not None
+    assert batch is not None
     assert chat.choose(None, random.Random()) == "chat-v3"
     assert batch.targets[0].name == "batch", "no targetModels: the model serves itself"
     assert batch.criticality is Criticality.SHEDDABLE
