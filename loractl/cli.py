@@ -9,13 +9,18 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
+from controller import cli as controller_cli
 from loractl import __version__
 from sidecar import cli as sidecar_cli
 from simulator import cli as simulator_cli
 
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
-REGISTRARS: tuple[Registrar, ...] = (sidecar_cli.register, simulator_cli.register)
+REGISTRARS: tuple[Registrar, ...] = (
+    controller_cli.register,
+    sidecar_cli.register,
+    simulator_cli.register,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,7 @@ from controller.extproc.router import Reject, Route, Router
 from controller.extproc.server import PickerServer, serve_picker
 from loractl.processes import ChildProcess, ChildProcessError, free_port
 from tests.conftest import SimulatorFactory
+from tests.support.envoy import connection_manager, subset_hint
 from tests.support.simulators import simulator_process
 
 MODELS = ("model-a", "model-b", "model-c")
@@ -190,40 +191,11 @@ async def echoes() -> AsyncIterator[list[str]]:
     await runner.cleanup()
 
 
-def _connection_manager(config: dict[str, Any]) -> dict[str, Any]:
-    manager: dict[str, Any] = config["static_resources"]["listeners"][0]["filter_chains"][0][
-        "filters"
-    ][0]["typed_config"]
-    return manager
-
-
 def echo_destination_metadata(config: dict[str, Any]) -> None:
     """Test-only: copy the picker's `envoy.lb` dynamic metadata into a response header."""
-    virtual_host = _connection_manager(config)["route_config"]["virtual_hosts"][0]
+    virtual_host = connection_manager(config)["route_config"]["virtual_hosts"][0]
     value = f"%DYNAMIC_METADATA(envoy.lb:{DESTINATION})%"
     virtual_host["response_headers_to_add"] = [{"header": {"key": METADATA_ECHO, "value": value}}]
-
-
-def subset_hint(endpoints: list[str]) -> Callable[[dict[str, Any]], None]:
-    """Test-only: set the subset hint the way a gateway does, as filter metadata before
-    ext_proc (here with Envoy's set_metadata filter; a real gateway derives it per request)."""
-
-    def tweak(config: dict[str, Any]) -> None:
-        hint = {
-            "name": "envoy.filters.http.set_metadata",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
-                "metadata": [
-                    {
-                        "metadata_namespace": "envoy.lb.subset_hint",
-                        "value": {"x-gateway-destination-endpoint-subset": endpoints},
-                    }
-                ],
-            },
-        }
-        _connection_manager(config)["http_filters"].insert(0, hint)
-
-    return tweak
 
 
 @dataclass

@@ -26,7 +26,7 @@ from kubernetes.config.incluster_config import SERVICE_TOKEN_FILENAME
 from structlog.testing import capture_logs
 
 from sidecar.kube import ConfigMapWatcher, KubeConfigError, PodAnnotator, kube_api_client
-from tests.support.kube import call, use_kubeconfig
+from tests.support.kube import CuttableProxy, call, use_kubeconfig
 
 NAMESPACE = "serving"
 NAME = "adapters"
@@ -223,47 +223,6 @@ async def test_failing_watches_back_off_and_log_once_per_streak(
     ]
     assert logs[0]["error"] == "HTTP 503 Service Unavailable"
     assert logs[1]["failures"] == 3
-
-
-class CuttableProxy:
-    """A TCP proxy in front of the API server that can drop every connection and refuse
-    new ones, like a network partition or an API server restart."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self._upstream_port = upstream_port
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
-        self.up = True
-
-    async def serve(self) -> asyncio.Server:
-        return await asyncio.start_server(self._accept, "127.0.0.1", 0)
-
-    def cut(self) -> None:
-        self.up = False
-        for writer in self._writers:
-            writer.transport.abort()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self.up:
-            writer.transport.abort()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
-        self._writers |= {writer, up_writer}
-        for source, target in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(source, target))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while chunk := await reader.read(65536):
-                writer.write(chunk)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.transport.abort()
-            self._writers.discard(writer)
 
 
 @pytest_asyncio.fixture

@@ -1,0 +1,107 @@
+"""Wiring of `loractl controller`: every long-running part, started and stopped in order."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import signal
+from typing import Protocol
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from controller.endpoints import InferencePoolEndpoints, StaticEndpoints
+from controller.extproc.server import serve_picker
+from controller.http_api import HttpState, build_app
+from controller.inventory import Inventory
+from controller.model_sources import FileModels
+from controller.picker import EndpointPicker, PickerSettings
+from controller.picker_metrics import PickerMetrics
+from controller.scheduling.pipeline import Pipeline
+from controller.scrape import Scraper
+from controller.stats import TrafficStats
+from sidecar.kube import kube_api_client
+
+log = structlog.get_logger("controller")
+
+
+class Startable(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random) -> None:
+    """Run until SIGTERM or SIGINT: endpoint and model sources, scraper, picker, HTTP."""
+    loop = asyncio.get_running_loop()
+    registry = CollectorRegistry()
+    inventory = Inventory()
+    stats = TrafficStats()
+    sources: list[Startable] = []
+    if args.endpoints:
+        sources.append(StaticEndpoints(args.endpoints.split(","), inventory.set_endpoints))
+    else:
+        sources.append(
+            InferencePoolEndpoints(
+                kube_api_client(), args.namespace, args.pool, loop, inventory.set_endpoints
+            )
+        )
+    models = FileModels(args.models, loop, pool=args.pool)
+    sources.append(models)
+    scraper = Scraper(
+        inventory,
+        metrics_interval=args.metrics_interval,
+        models_interval=args.models_interval,
+        sidecar_interval=args.sidecar_interval,
+        api_key=args.vllm_api_key or None,
+        sidecar_port=args.sidecar_port,
+        registry=registry,
+    )
+    for source in sources:
+        source.start()
+    runner = web.AppRunner(
+        build_app(HttpState(registry, inventory, stats)), access_log=None, handle_signals=False
+    )
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.metrics_port).start()
+    picker_server = None
+    if not args.no_picker:
+        picker = EndpointPicker(
+            inventory,
+            pipeline,
+            models.current,
+            PickerSettings(
+                passthrough=args.passthrough,
+                sticky_header=args.sticky_header,
+                base_models=frozenset(args.base_model),
+            ),
+            stats,
+            PickerMetrics(registry, inventory),
+            rng,
+        )
+        tls = (str(args.tls_cert), str(args.tls_key)) if args.tls_cert else None
+        picker_server = await serve_picker(
+            picker, args.host, args.grpc_port, args.grpc_health_port, tls, args.max_body_bytes
+        )
+    log.info(
+        "started",
+        picker=picker_server is not None,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        endpoints=args.endpoints,
+        pool=args.pool,
+    )
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    scraping = asyncio.create_task(scraper.run())
+    await stop.wait()
+    log.info("stopping")
+    if picker_server is not None:
+        await picker_server.stop()
+    scraper.stop()
+    await asyncio.gather(scraping, return_exceptions=True)
+    for source in sources:
+        await asyncio.to_thread(source.stop)  # watch threads may take a moment to let go
+    await runner.cleanup()

@@ -1,0 +1,129 @@
+"""`loractl controller`: the adapter inventory and the LoRA-aware endpoint picker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+from pathlib import Path
+
+import structlog
+
+from loractl import logs
+
+log = structlog.get_logger("controller")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "controller",
+        help="run the adapter inventory and the LoRA-aware Envoy endpoint picker",
+        description="Scrapes every vLLM pod of a pool into the adapter inventory and serves "
+        "the Envoy ext_proc endpoint picker that routes each request to the pod where its "
+        "adapter is hot.",
+    )
+    where = parser.add_argument_group("endpoints and models")
+    source = where.add_mutually_exclusive_group(required=True)
+    source.add_argument("--endpoints", help="static endpoint list: ip:port,ip:port,...")
+    source.add_argument("--pool", help="InferencePool name: its ready pods are the endpoints")
+    where.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the pool and models (env POD_NAMESPACE)",
+    )
+    where.add_argument(
+        "--models",
+        type=Path,
+        required=True,
+        help="YAML file of InferenceModel / InferenceModelRewrite documents; "
+        "reloaded when it changes",
+    )
+    where.add_argument(
+        "--base-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a target served by the base model itself (repeatable)",
+    )
+    picker = parser.add_argument_group("picker")
+    picker.add_argument(
+        "--no-picker",
+        action="store_true",
+        help="run the inventory and metrics only, without the ext_proc server",
+    )
+    picker.add_argument("--host", default="0.0.0.0")
+    picker.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port")
+    picker.add_argument("--grpc-health-port", type=int, default=9003, help="gRPC health port")
+    picker.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9090,
+        help="HTTP port of /metrics, /healthz and /inventory",
+    )
+    picker.add_argument("--tls-cert", type=Path, help="serve ext_proc over TLS with this cert")
+    picker.add_argument("--tls-key", type=Path, help="... and this key")
+    picker.add_argument("--profile", type=Path, help="scheduling profile YAML (default: built in)")
+    picker.add_argument(
+        "--passthrough",
+        action="store_true",
+        help="route models no InferenceModel names as they are, instead of 404",
+    )
+    picker.add_argument(
+        "--sticky-header",
+        metavar="HEADER",
+        help="request header (e.g. x-user-id) that pins a client to one target",
+    )
+    picker.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024)
+    picker.add_argument("--seed", type=int, help="seed weighted choices and tie-breaks")
+    scrape = parser.add_argument_group("inventory scraping")
+    scrape.add_argument(
+        "--sidecar-port",
+        type=int,
+        default=8080,
+        help="port of each pod's loractl sidecar (/status)",
+    )
+    scrape.add_argument(
+        "--metrics-interval", type=float, default=0.05, help="seconds between vLLM /metrics scrapes"
+    )
+    scrape.add_argument(
+        "--models-interval", type=float, default=1.0, help="seconds between vLLM /v1/models scrapes"
+    )
+    scrape.add_argument(
+        "--sidecar-interval",
+        type=float,
+        default=1.0,
+        help="seconds between sidecar /status scrapes",
+    )
+    scrape.add_argument(
+        "--vllm-api-key",
+        default=os.environ.get("VLLM_API_KEY"),
+        help="vLLM API key (env VLLM_API_KEY)",
+    )
+    parser.add_argument("--log-level", default="info")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logs.configure(args.log_level)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("loractl controller: error: --tls-cert and --tls-key go together")
+    for path in (args.models, args.profile, args.tls_cert, args.tls_key):
+        if path is not None and not path.is_file():
+            raise SystemExit(f"loractl controller: error: {path}: no such file")
+    # Imported here, not at the top: gRPC and the picker cost start-up time and memory that
+    # the other subcommands (the sidecar above all) must not pay.
+    from controller.app import serve
+    from controller.scheduling.profile import ProfileError, load_profile
+
+    rng = random.Random(args.seed)
+    try:
+        pipeline = (
+            load_profile(args.profile.read_text(), rng=rng)
+            if args.profile
+            else load_profile(rng=rng)
+        )
+    except ProfileError as exc:
+        raise SystemExit(f"loractl controller: error: {args.profile}: {exc}") from exc
+    asyncio.run(serve(args, pipeline, rng))
+    return 0

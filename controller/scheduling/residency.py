@@ -1,0 +1,226 @@
+"""Which LoRA adapters each endpoint is believed to hold in its GPU slots.
+
+vLLM runs at most `--max-loras` adapters per batch, one per GPU slot, and keeps an
+adapter in its slot after its requests finish until another adapter needs the slot
+(least recently used goes first). What it exports says little about that:
+`vllm:lora_requests_info` names only adapters with requests in flight, so an idle
+adapter still sitting in a slot is invisible there. The tracker combines what is
+observable, strongest evidence first:
+
+1. `gpu_adapters` (`vllm:lora_adapter_loaded{level="gpu"}`, proposed upstream): when
+   an endpoint exports it, it is the truth and nothing else is consulted.
+2. Adapters in the running or waiting label sets: certainly in (or about to take) a
+   slot, and pinned there while their requests run.
+3. Remembered use: this picker's own assignments to the endpoint, and adapters seen
+   running or waiting in earlier scrapes. Most recent first, they fill the slots the
+   active adapters leave free: the order vLLM's LRU evicts in. The capacity is the
+   endpoint's `max_lora`, or `default_max_lora` while unknown.
+
+Remembered use is forgotten after `idle_seconds`: vLLM would keep an idle adapter in
+its slot indefinitely, but traffic this picker does not see (another picker replica,
+direct requests) may have evicted it, so the memory is long but not permanent. When
+vLLM's model list no longer shows a remembered adapter, the whole memory of that
+endpoint is dropped: an unload and a restart look alike from here, and a restart
+empties every slot. A restart that the model list never shows (the sidecar
+re-registered everything before the next successful scrape) is the caller's to report
+through `forget`, e.g. when the endpoint turns unready.
+
+Registration comes first: an adapter that is known not to be registered is MISSING
+whatever the slots say. Unknown registration (no fresh `/v1/models` and no sidecar
+word on the adapter) is treated as registered, because whether to route there at all
+is the adapter-registered filter's decision; the tracker only answers where the
+adapter would stand if the request went there.
+
+Single-threaded by design: the picker calls it from one event loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from controller.inventory import EndpointView, MetricsObservation
+from controller.scheduling.types import Affinity
+from sidecar.status import AdapterState
+
+DEFAULT_MAX_LORA = 4
+"""GPU slots assumed while an endpoint has not reported `max_lora` (vLLM's own default is 1,
+but a pool serving many adapters is started with more)."""
+
+DEFAULT_IDLE_SECONDS = 300.0
+
+_NOTHING: frozenset[str] = frozenset()
+
+
+def registration(view: EndpointView, adapter: str) -> bool | None:
+    """Whether `adapter` is registered on the endpoint: True, False, or None when unknown.
+
+    vLLM's model list and the sidecar's "loaded" both count: the sidecar reports a load
+    the moment vLLM accepted it, possibly before the next model-list scrape shows it.
+    A sidecar state other than loaded (loading, failed, ...) means known not registered.
+    """
+    registered = view.registered
+    if registered is not None and adapter in registered:
+        return True
+    states = view.sidecar_states
+    if states is not None:
+        state = states.get(adapter)
+        if state == AdapterState.LOADED:
+            return True
+        if state is not None:
+            return False
+    return None if registered is None else False
+
+
+class _Memory:
+    """This picker's memory of one endpoint, and the estimate derived from it.
+
+    The estimate depends only on the endpoint's observations and our assignments, not on
+    the request, so it is derived once and reused until one of its inputs changes: new
+    metrics or model-list objects (a scrape; compared by identity, one pointer comparison
+    each), an assignment, or the expiry of a remembered use it counted.
+    """
+
+    __slots__ = ("full", "lru", "metrics", "registered", "resident", "valid_until")
+
+    def __init__(self) -> None:
+        self.lru: dict[str, float] = {}
+        """adapter → when it was last seen used (our assignment, or running or waiting in
+        a scrape), oldest first."""
+        self.metrics: MetricsObservation | None = None
+        self.registered: frozenset[str] | None = None
+        """The observations the estimate was derived from."""
+        self.resident: frozenset[str] = _NOTHING
+        """Adapters believed in a GPU slot."""
+        self.full = False
+        """Every slot is believed taken: a new adapter would evict one."""
+        self.valid_until = -math.inf
+        """When the estimate must be derived again even if nothing else changed."""
+
+
+class ResidencyTracker:
+    def __init__(
+        self,
+        *,
+        default_max_lora: int = DEFAULT_MAX_LORA,
+        idle_seconds: float = DEFAULT_IDLE_SECONDS,
+    ) -> None:
+        if default_max_lora < 1:
+            raise ValueError("default_max_lora must be at least 1")
+        if idle_seconds <= 0:
+            raise ValueError("idle_seconds must be positive")
+        self.default_max_lora = default_max_lora
+        self.idle_seconds = idle_seconds
+        self._endpoints: dict[str, _Memory] = {}
+
+    def record_assignment(
+        self, address: str, adapter: str, now: float, max_lora: int | None = None
+    ) -> None:
+        """Remember that a request for `adapter` was just sent to `address`.
+
+        `max_lora` is the endpoint's slot count when known; older assignments beyond
+        it cannot still be resident on our evidence alone, so they are dropped.
+        """
+        memory = self._memory(address)
+        trimmed = _touch(memory.lru, adapter, now, max_lora or self.default_max_lora)
+        if trimmed or adapter not in memory.resident:
+            # The resident set may have changed: derive it again. When an adapter that
+            # was resident only moved up the LRU, the same adapters remain the most
+            # recent ones and the estimate stands (at worst it is re-derived at an
+            # expiry that no longer applies: that costs time, not correctness).
+            memory.valid_until = -math.inf
+
+    def forget(self, address: str) -> None:
+        """Drop everything remembered about an endpoint. Call it when the endpoint leaves
+        the pool (memory is kept per address until then), turns unready, or its address
+        now belongs to another pod."""
+        self._endpoints.pop(address, None)
+
+    def classify(self, view: EndpointView, adapter: str, now: float) -> Affinity:
+        """Where `adapter` stands on the endpoint: HOT, WARM, COLD or MISSING (see module doc)."""
+        return self.classify_all((view,), adapter, now)[0]
+
+    def classify_all(
+        self, views: Sequence[EndpointView], adapter: str, now: float
+    ) -> list[Affinity]:
+        """`classify` for every view, in order; the scorer's hot loop, hence inline."""
+        hot, warm, cold, missing = Affinity.HOT, Affinity.WARM, Affinity.COLD, Affinity.MISSING
+        endpoints = self._endpoints
+        out: list[Affinity] = []
+        append = out.append
+        for view in views:
+            memory = endpoints.get(view.endpoint.address) or self._memory(view.endpoint.address)
+            registered = view.registered
+            if (
+                memory.metrics is not view.metrics
+                or memory.registered is not registered
+                or now >= memory.valid_until
+            ):
+                self._derive(memory, view, now)
+            if (registered is None or adapter not in registered) and registration(
+                view, adapter
+            ) is False:
+                append(missing)
+            else:
+                append(hot if adapter in memory.resident else cold if memory.full else warm)
+        return out
+
+    def _memory(self, address: str) -> _Memory:
+        memory = self._endpoints.get(address)
+        if memory is None:
+            memory = self._endpoints[address] = _Memory()
+        return memory
+
+    def _derive(self, memory: _Memory, view: EndpointView, now: float) -> None:
+        registered, metrics = view.registered, view.metrics
+        if registered is not None and registered is not memory.registered:
+            _reconcile(memory.lru, registered)
+        scraped = metrics is not memory.metrics
+        memory.metrics, memory.registered = metrics, registered
+        memory.valid_until = math.inf
+        if metrics is None:
+            active, capacity = _NOTHING, self.default_max_lora
+        else:
+            capacity = metrics.max_lora or self.default_max_lora
+            if metrics.gpu_adapters is not None:  # authoritative: nothing else to consult
+                memory.resident = metrics.gpu_adapters
+                memory.full = len(metrics.gpu_adapters) >= capacity
+                return
+            active = metrics.running_adapters
+            if metrics.waiting_adapters:
+                active = active | metrics.waiting_adapters
+            if scraped:
+                # Used just now, so the last to be evicted once idle: remember them like
+                # our own assignments (they may come from another picker replica).
+                for name in active:
+                    _touch(memory.lru, name, now, capacity)
+        # Remembered adapters fill the free slots, most recent first, as vLLM's LRU would.
+        remembered: list[str] = []
+        used = len(active)
+        for name, used_at in reversed(memory.lru.items()):
+            if used >= capacity or now - used_at >= self.idle_seconds:
+                break  # every older entry is evicted or expired too
+            if name not in active:
+                remembered.append(name)
+                used += 1
+                memory.valid_until = min(memory.valid_until, used_at + self.idle_seconds)
+        memory.resident = active.union(remembered) if remembered else active
+        memory.full = used >= capacity
+
+
+def _touch(lru: dict[str, float], adapter: str, now: float, limit: int) -> bool:
+    """Make `adapter` the most recently used; drop the oldest beyond `limit`. Whether any was."""
+    lru.pop(adapter, None)
+    lru[adapter] = now
+    trimmed = len(lru) > limit
+    while len(lru) > limit:
+        del lru[next(iter(lru))]
+    return trimmed
+
+
+def _reconcile(lru: dict[str, float], registered: frozenset[str]) -> None:
+    """Forget everything when vLLM no longer lists an adapter we remember: it was unloaded,
+    or the process restarted with empty slots while the sidecar re-registers adapters.
+    The two look alike from here, and after a restart nothing remembered is true."""
+    if not registered.issuperset(lru):
+        lru.clear()

@@ -1,0 +1,139 @@
+"""Scorers: each rates every candidate in [0, 1], higher is better, in candidate order.
+
+A scorer sees the whole candidate list at once, because relative scores need the
+spread across candidates and because one list comprehension per scorer is far cheaper
+in CPython than a call per endpoint. The pipeline multiplies by the profile's weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final, cast
+
+from controller.inventory import EndpointView
+from controller.scheduling.residency import ResidencyTracker
+from controller.scheduling.types import Affinity, SchedulingRequest
+
+NEUTRAL: Final = 0.5
+"""The score of an endpoint whose figures are unknown: neither preferred nor avoided."""
+
+AFFINITY_SCORES: Final[Mapping[Affinity, float]] = {
+    Affinity.HOT: 1.0,
+    Affinity.WARM: 0.8,
+    Affinity.COLD: 0.4,
+    Affinity.MISSING: 0.0,
+}
+"""Why these values (with the default weights: affinity 4, queue 2, KV cache 2):
+
+- HOT → WARM costs 0.2 (0.8 points): a free slot is filled from vLLM's CPU cache in
+  milliseconds, so a request should leave a hot pod as soon as it would queue behind
+  about two more waiting requests there (the queue scorer's default scale) or the pod's
+  KV cache is about 40 points fuller.
+- WARM → COLD costs 0.4 (1.6 points), twice as much: on a full pod the request evicts
+  another adapter that its users will pay to bring back, and when every slot is pinned
+  by running requests it waits until one adapter drains completely.
+- COLD → MISSING costs the rest: a MISSING pod answers 404. The adapter-registered filter
+  normally removes those; the value matters only when it had to keep them.
+"""
+
+
+class LoraAffinityScorer:
+    """Prefers endpoints where the target adapter is believed resident (see residency).
+
+    An endpoint without fresh metrics is still scored from the tracker's estimate (our
+    own assignments against the default slot count), not as unknown: that estimate is
+    real evidence, and the load scorers already rate such an endpoint neutral.
+    """
+
+    name: Final = "lora-affinity"
+    kind: Final = "scorer"
+
+    def __init__(self, residency: ResidencyTracker) -> None:
+        self._residency = residency
+
+    def score(
+        self, request: SchedulingRequest, views: list[EndpointView], now: float
+    ) -> list[float]:
+        if not request.is_adapter:
+            return [1.0] * len(views)  # the base model is always loaded
+        affinities = self._residency.classify_all(views, request.target, now)
+        return list(map(AFFINITY_SCORES.__getitem__, affinities))
+
+
+QUEUE_SCALE: Final = 2.0
+"""Waiting requests above the least loaded candidate at which the queue score halves."""
+
+RUNNING_SCALE: Final = 8.0
+"""The same for running requests: a few more sequences in a batch cost little."""
+
+
+def relative_load(loads: list[int | None], scale: float) -> list[float]:
+    """Score each load against the least loaded candidate: 1 for it, 1/2 at `scale` more.
+
+    Relative, so that it adapts to the pool's load level, but not min-max normalised:
+    a difference of one request must not swing the full weight the way it does when the
+    spread is 0 to 1. Unknown loads score NEUTRAL.
+    """
+    if None in loads:  # rare: a missed scrape
+        known = [load for load in loads if load is not None]
+        if not known:
+            return [NEUTRAL] * len(loads)
+        base = min(known) - scale
+        return [NEUTRAL if load is None else scale / (load - base) for load in loads]
+    exact = cast(list[int], loads)  # no None in it
+    low = min(exact)
+    if low == max(exact):  # typical at low load: nobody waits
+        return [1.0] * len(exact)
+    base = low - scale
+    return [scale / (load - base) for load in exact]
+
+
+class QueueScorer:
+    """Fewer waiting requests is better: a waiting request means the pod is already full."""
+
+    name: Final = "queue"
+    kind: Final = "scorer"
+
+    def __init__(self, scale: float = QUEUE_SCALE) -> None:
+        if scale <= 0:
+            raise ValueError("scale must be positive")
+        self._scale = scale
+
+    def score(
+        self, request: SchedulingRequest, views: list[EndpointView], now: float
+    ) -> list[float]:
+        loads = [m.waiting if (m := view.metrics) is not None else None for view in views]
+        return relative_load(loads, self._scale)
+
+
+class RunningRequestsScorer:
+    """Fewer running requests is better: a larger batch decodes each sequence more slowly,
+    but mildly, hence a larger default scale than the queue's."""
+
+    name: Final = "running-requests"
+    kind: Final = "scorer"
+
+    def __init__(self, scale: float = RUNNING_SCALE) -> None:
+        if scale <= 0:
+            raise ValueError("scale must be positive")
+        self._scale = scale
+
+    def score(
+        self, request: SchedulingRequest, views: list[EndpointView], now: float
+    ) -> list[float]:
+        loads = [m.running if (m := view.metrics) is not None else None for view in views]
+        return relative_load(loads, self._scale)
+
+
+class KvCacheScorer:
+    """More free KV cache is better (1 - usage), as upstream; unknown is NEUTRAL."""
+
+    name: Final = "kv-cache"
+    kind: Final = "scorer"
+
+    def score(
+        self, request: SchedulingRequest, views: list[EndpointView], now: float
+    ) -> list[float]:
+        return [
+            1.0 - m.kv_cache_usage if (m := view.metrics) is not None else NEUTRAL for view in views
+        ]
