@@ -22,7 +22,7 @@ from controller.picker_metrics import PickerMetrics
 from controller.scheduling.pipeline import Pipeline
 from controller.scrape import Scraper
 from controller.stats import TrafficStats
-from sidecar.kube import kube_api_client
+from loractl.kube import kube_api_client
 
 log = structlog.get_logger("controller")
 

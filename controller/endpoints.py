@@ -12,37 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from http import HTTPStatus
-from typing import Any, Generic, TypeVar, cast
+from typing import Any
 
 import structlog
-from kubernetes import watch
 from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
-from kubernetes.client.exceptions import ApiException
 
 from controller.inventory import Endpoint
-from sidecar.kube import (
-    BACKOFF_FIRST,
-    BACKOFF_MAX,
-    REQUEST_TIMEOUT,
-    STOP_WAIT,
-    WATCH_REQUEST_TIMEOUT,
-    WATCH_SECONDS,
-    _describe,
-)
+from loractl.kube import STOP_WAIT, Informer
 
 log = structlog.get_logger("controller")
 
 SIDECAR_PORT_ANNOTATION = "loractl.io/sidecar-port"
 POOL_PLURAL = "inferencepools"
-# A pool API group that is not served (no CRD) or not allowed (RBAC) is asked again this
-# often: a CRD installed later is found without a restart.
-UNAVAILABLE_RETRY = 10.0
 
 EndpointsCallback = Callable[[list[Endpoint]], None]
 
@@ -124,7 +109,7 @@ def pool_spec(api: PoolApi, obj: Mapping[str, Any]) -> PoolSpec:
     except (KeyError, TypeError, ValueError) as error:
         name = (obj.get("metadata") or {}).get("name")
         log.warning(
-            "inferencepool is malformed; it selects nothing",
+            "inferencepool_malformed",
             api=api.name,
             pool=name,
             error=f"{type(error).__name__}: {error}",
@@ -162,7 +147,7 @@ def _sidecar_port(pod: str, annotation: str | None) -> int | None:
     if annotation.isdigit() and 0 < int(annotation) < 65536:
         return int(annotation)
     log.warning(
-        "pod annotation is not a port; no sidecar for this pod",
+        "sidecar_port_annotation_invalid",
         pod=pod,
         annotation=SIDECAR_PORT_ANNOTATION,
         value=annotation,
@@ -228,8 +213,8 @@ class InferencePoolEndpoints:
         self._pool: _PoolState = _UNKNOWN
         self._delivered: list[Endpoint] | None = None
         core, custom = CoreV1Api(api_client), CustomObjectsApi(api_client)
-        self._informers: list[_Informer[Any]] = [
-            _Informer(
+        self._informers: list[Informer[Any]] = [
+            Informer(
                 "pods",
                 core.list_namespaced_pod,
                 (namespace,),
@@ -239,7 +224,7 @@ class InferencePoolEndpoints:
                 self._stopping,
             ),
             *(
-                _Informer(
+                Informer(
                     api.name,
                     custom.list_namespaced_custom_object,
                     (api.group, api.version, namespace, POOL_PLURAL),
@@ -307,7 +292,7 @@ class InferencePoolEndpoints:
     def _log_pool(self, pool: _PoolState) -> None:
         if isinstance(pool, PoolSpec):
             log.info(
-                "inferencepool read",
+                "inferencepool_read",
                 pool=self._pool_name,
                 api=pool.api.name,
                 selector=dict(pool.selector),
@@ -315,7 +300,7 @@ class InferencePoolEndpoints:
             )
         elif pool is None:
             log.warning(
-                "inferencepool not found: no endpoints",
+                "inferencepool_not_found",
                 pool=self._pool_name,
                 namespace=self._namespace,
             )
@@ -323,172 +308,3 @@ class InferencePoolEndpoints:
     def _hand_over(self, endpoints: list[Endpoint]) -> None:
         if not self._stopping.is_set():
             self._on_change(endpoints)
-
-
-# ---- one list+watch loop ----
-
-T = TypeVar("T")
-
-
-class _Informer(Generic[T]):
-    """Lists, then watches from the list's resourceVersion, in a thread of its own, keeping
-    name → convert(object) for the objects convert keeps (not None). After each change it
-    hands a copy to on_state; None there means the API is not served or not allowed (only
-    with unavailable_is_absent; otherwise that is a failure like any other). An expired
-    watch (410) relists; failures back off, capped, and relist."""
-
-    def __init__(
-        self,
-        what: str,
-        list_function: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        convert: Callable[[dict[str, Any]], T | None],
-        on_state: Callable[[dict[str, T] | None], None],
-        stopping: threading.Event,
-        unavailable_is_absent: bool = False,
-    ) -> None:
-        self._what = what
-        self._list_function = list_function
-        self._args = args
-        self._kwargs = kwargs
-        self._convert = convert
-        self._on_state = on_state
-        self._stopping = stopping
-        self._unavailable_is_absent = unavailable_is_absent
-        self._store: dict[str, T] = {}
-        self._unavailable = False
-        self._watch: watch.Watch | None = None
-        self._thread = threading.Thread(target=self._run, name=f"watch-{what}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def join(self, deadline: float) -> None:
-        """After `stopping` is set. A thread still connecting may outlive the deadline (it
-        is a daemon) but delivers nothing more."""
-        while self._thread.is_alive() and time.monotonic() < deadline:
-            # Watch.stop() shuts the socket down under the blocked read. Repeated: a watch
-            # that is still connecting has no socket yet.
-            current = self._watch
-            if current is not None:
-                current.stop()  # type: ignore[no-untyped-call]
-            self._thread.join(0.05)
-
-    def _run(self) -> None:
-        failures = _FailureStreak(self._what)
-        resource_version: str | None = None
-        while not self._stopping.is_set():
-            try:
-                if resource_version is None:
-                    resource_version = self._list()
-                resource_version = self._watch_from(resource_version, failures)
-            except Exception as error:  # the thread must outlive any failure of the API
-                if self._stopping.is_set():
-                    return  # most likely stop() cutting the connection
-                resource_version = None
-                self._stopping.wait(self._after_failure(error, failures))
-
-    def _after_failure(self, error: Exception, failures: _FailureStreak) -> float:
-        """Handles a failure; returns how long to wait before relisting."""
-        status = error.status if isinstance(error, ApiException) else None
-        if status == HTTPStatus.GONE:
-            log.info("watch expired; relisting", resource=self._what)
-            return 0.0
-        if self._unavailable_is_absent and status in (HTTPStatus.NOT_FOUND, HTTPStatus.FORBIDDEN):
-            failures.reset()
-            if not self._unavailable:  # once, not every UNAVAILABLE_RETRY
-                self._unavailable = True
-                # Not served is normal (only one of the pool's API groups may be installed);
-                # not allowed is a Role to fix.
-                say = log.info if status == HTTPStatus.NOT_FOUND else log.warning
-                say(
-                    "resource unavailable; counted as absent",
-                    resource=self._what,
-                    error=_describe(error),
-                    retry_seconds=UNAVAILABLE_RETRY,
-                )
-            self._on_state(None)
-            return UNAVAILABLE_RETRY
-        return failures.record(error)
-
-    def _list(self) -> str:
-        response = self._list_function(
-            *self._args, **self._kwargs, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-        )
-        listing = json.loads(response.data)
-        self._unavailable = False
-        self._store = {}
-        for obj in listing.get("items") or []:
-            self._apply("ADDED", obj)
-        self._on_state(dict(self._store))
-        # An empty version starts the watch from the current state: still correct.
-        return str((listing.get("metadata") or {}).get("resourceVersion") or "")
-
-    def _watch_from(self, resource_version: str, failures: _FailureStreak) -> str:
-        self._watch = watch.Watch(return_type="object")  # type: ignore[no-untyped-call]
-        for event in self._events(self._watch, resource_version):
-            if isinstance(event, dict):  # the client yields None for blank lines
-                failures.reset()
-                resource_version = self._handle(event) or resource_version
-            if self._stopping.is_set():
-                break
-        failures.reset()
-        return resource_version
-
-    def _handle(self, event: dict[str, Any]) -> str | None:
-        """Applies one event; returns the resourceVersion it carries (bookmarks too)."""
-        obj = event["raw_object"]
-        if event["type"] in ("ADDED", "MODIFIED", "DELETED") and self._apply(event["type"], obj):
-            self._on_state(dict(self._store))
-        return cast(str | None, (obj.get("metadata") or {}).get("resourceVersion"))
-
-    def _events(self, stream: watch.Watch, resource_version: str) -> Iterator[Any]:
-        return cast(
-            Iterator[Any],
-            stream.stream(  # type: ignore[no-untyped-call]
-                self._list_function,
-                *self._args,
-                **self._kwargs,
-                resource_version=resource_version,
-                # Bookmarks keep our version recent while nothing changes, so the next
-                # watch resumes instead of expiring into a relist.
-                allow_watch_bookmarks=True,
-                timeout_seconds=WATCH_SECONDS,
-                _request_timeout=WATCH_REQUEST_TIMEOUT,
-            ),
-        )
-
-    def _apply(self, kind: str, obj: dict[str, Any]) -> bool:
-        """Applies one event to the store; True when the store changed."""
-        name = str((obj.get("metadata") or {}).get("name"))
-        record = None if kind == "DELETED" else self._convert(obj)
-        if record is None:
-            return self._store.pop(name, None) is not None
-        changed = self._store.get(name) != record
-        self._store[name] = record
-        return changed
-
-
-class _FailureStreak:
-    """Capped exponential backoff that logs once when failures start and once when they end."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._count = 0
-
-    def record(self, error: Exception) -> float:
-        if self._count == 0:
-            log.warning(
-                "kubernetes watch failing; retrying with backoff",
-                resource=self._what,
-                error=_describe(error),
-            )
-        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2.0**self._count)
-        self._count += 1
-        return delay
-
-    def reset(self) -> None:
-        if self._count:
-            log.info("kubernetes watch recovered", resource=self._what, failures=self._count)
-            self._count = 0

@@ -143,7 +143,7 @@ class Scraper:
                 due = max(due + interval, loop.time())
                 await asyncio.sleep(due - loop.time())
         except Exception:  # a bug: log it; _follow_endpoints restarts the loop
-            log.exception("scrape loop crashed", endpoint=key[0], source=key[1].value)
+            log.exception("scrape_loop_crashed", endpoint=key[0], source=key[1].value)
 
     async def _scrape(self, key: Key, session: aiohttp.ClientSession) -> None:
         address, source = key
@@ -252,12 +252,12 @@ class _Health:
     def succeeded(self, key: Key) -> None:
         self._since[key] = time.monotonic()
         if failures := self._failures.pop(key, 0):
-            log.info("scrape recovered", endpoint=key[0], source=key[1].value, failures=failures)
+            log.info("scrape_recovered", endpoint=key[0], source=key[1].value, failures=failures)
 
     def failed(self, key: Key, message: str) -> None:
         self._errors.labels(key[0], key[1].value).inc()
         if not self._failures.get(key):
-            log.warning("scrape failing", endpoint=key[0], source=key[1].value, error=message)
+            log.warning("scrape_failing", endpoint=key[0], source=key[1].value, error=message)
         self._failures[key] = self._failures.get(key, 0) + 1
 
     def observe(self, source: Source, seconds: float) -> None:

@@ -179,7 +179,8 @@ async def serve(args: argparse.Namespace) -> None:
     ]
     if args.watch_configmap or args.annotate_pod:
         # Imported here: the Kubernetes client costs start-up time and memory nobody else pays.
-        from sidecar.kube import ConfigMapWatcher, PodAnnotator, kube_api_client
+        from loractl.kube import kube_api_client
+        from sidecar.kube import ConfigMapWatcher, PodAnnotator
 
         api = kube_api_client()
         if args.watch_configmap:

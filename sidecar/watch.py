@@ -97,7 +97,7 @@ class ConfigFileWatcher:
         except OSError as error:
             self._wait_for_directory(error)
             return
-        log.info("watching config directory", directory=str(self._directory))
+        log.info("config_watch_started", directory=str(self._directory))
         self._warned_missing = False
         if announce:
             self._arm()
@@ -105,7 +105,7 @@ class ConfigFileWatcher:
     def _wait_for_directory(self, error: OSError) -> None:
         if not self._warned_missing:
             log.warning(
-                "config directory cannot be watched yet; retrying",
+                "config_watch_waiting",
                 directory=str(self._directory),
                 error=f"{type(error).__name__}: {error.strerror or error}",
                 retry_seconds=self._retry_interval,

@@ -48,6 +48,8 @@ DEFAULT_MAX_LORA = 4
 but a pool serving many adapters is started with more)."""
 
 DEFAULT_IDLE_SECONDS = 300.0
+"""How long remembered use counts. Long, because vLLM never evicts an idle adapter by
+itself; it only bounds how long evictions by traffic we do not see go unnoticed."""
 
 _NOTHING: frozenset[str] = frozenset()
 
@@ -99,6 +101,9 @@ class _Memory:
 
 
 class ResidencyTracker:
+    """The per-endpoint estimate described in the module doc. Every `now` is a reading of
+    one monotonic clock, in seconds (the pipeline's)."""
+
     def __init__(
         self,
         *,

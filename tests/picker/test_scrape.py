@@ -276,8 +276,10 @@ async def test_an_endpoint_that_dies_goes_stale_with_errors(
     registry = CollectorRegistry()
     with capture_logs() as logs:
         async with running(fast_scraper(inventory, registry=registry)):
-            await until(lambda: view(inventory, sim.url).registered is not None)
-            assert view(inventory, sim.url).metrics is not None
+            await until(
+                lambda: view(inventory, sim.url).registered is not None
+                and view(inventory, sim.url).metrics is not None
+            )
             await asyncio.to_thread(sim.process.stop)
             await until(lambda: view(inventory, sim.url).metrics is None, within=1.0)
             await until(lambda: view(inventory, sim.url).registered is None, within=1.0)
@@ -288,7 +290,7 @@ async def test_an_endpoint_that_dies_goes_stale_with_errors(
     assert age is not None
     assert age > 0.3
     assert set(inventory.errors()[address(sim.url)]) == {"metrics", "models"}
-    failing = [e for e in logs if e["event"] == "scrape failing"]
+    failing = [e for e in logs if e["event"] == "scrape_failing"]
     assert sorted(e["source"] for e in failing) == ["metrics", "models"]  # once per streak
 
 

@@ -25,7 +25,8 @@ from kubernetes.client import ApiClient, CoreV1Api
 from kubernetes.config.incluster_config import SERVICE_TOKEN_FILENAME
 from structlog.testing import capture_logs
 
-from sidecar.kube import ConfigMapWatcher, KubeConfigError, PodAnnotator, kube_api_client
+from loractl.kube import KubeConfigError, kube_api_client
+from sidecar.kube import ConfigMapWatcher, PodAnnotator
 from tests.support.kube import CuttableProxy, call, use_kubeconfig
 
 NAMESPACE = "serving"
@@ -200,7 +201,7 @@ async def test_an_expired_watch_relists_and_delivers_what_changed_meanwhile(
         await patch_configmap(api, {KEY: "version: 3"})
         assert await deliveries.next() == "version: 3"  # and the new watch holds
     assert len(kmock["list"]) == 2
-    assert [entry["event"] for entry in logs] == ["configmap watch expired; relisting"]
+    assert [entry["event"] for entry in logs] == ["kube_watch_expired"]
 
 
 @pytest.mark.asyncio
@@ -218,8 +219,8 @@ async def test_failing_watches_back_off_and_log_once_per_streak(
         await patch_configmap(api, {KEY: "version: 3"})
         assert await deliveries.next() == "version: 3"
     assert [(entry["log_level"], entry["event"]) for entry in logs] == [
-        ("warning", "configmap watch failing; retrying with backoff"),
-        ("info", "configmap watch recovered"),
+        ("warning", "kube_watch_failing"),
+        ("info", "kube_watch_recovered"),
     ]
     assert logs[0]["error"] == "HTTP 503 Service Unavailable"
     assert logs[1]["failures"] == 3
@@ -261,7 +262,7 @@ async def test_a_dropped_connection_is_survived(
         assert await deliveries.next() == "version: 3"
     through_proxy.close()  # type: ignore[no-untyped-call]
     events = [entry["event"] for entry in logs]
-    assert events == ["configmap watch failing; retrying with backoff", "configmap watch recovered"]
+    assert events == ["kube_watch_failing", "kube_watch_recovered"]
 
 
 @pytest.mark.asyncio

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient
 
-from sidecar.kube import kube_api_client
+from loractl.kube import kube_api_client
 
 
 def write_kubeconfig(server: str, path: Path) -> Path:
