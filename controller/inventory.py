@@ -24,6 +24,10 @@ class MetricsObservation:
     waiting_adapters: frozenset[str]
     gpu_adapters: frozenset[str] | None  # vllm:lora_adapter_loaded{level="gpu"}, when exported
     cpu_adapters: frozenset[str] | None  # vllm:lora_adapter_loaded{level="cpu"}, when exported
+    last_busy_running: frozenset[str] = frozenset()
+    """Running adapters of the newest label set that had any adapter in it: the upstream
+    picker reads lora_requests_info this way (idle label sets ignored)."""
+    last_busy_waiting: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 from controller.inventory import MetricsObservation
 
@@ -41,6 +42,8 @@ _LINE = re.compile(
 _REST = re.compile(r"(?:\{(.*)\})?[ \t]+(\S+)(?:[ \t]+\S+)?[ \t]*\r?")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"')
 _ESCAPE = re.compile(r"\\(.)")
+# A label set naming at least one adapter (running or waiting not empty).
+_BUSY = re.compile(r'(?:running|waiting)_lora_adapters\s*=\s*"[^"]')
 Samples = list[tuple[str, float]]  # (labels text, value); labels parsed only when needed
 
 
@@ -59,9 +62,7 @@ def parse_vllm_metrics(text: str) -> MetricsObservation:
     kv_usage = families.get(KV_CACHE_USAGE) or families.get(KV_CACHE_USAGE_OLD)
     if not kv_usage:
         raise MetricsParseError(f"no {KV_CACHE_USAGE} (or {KV_CACHE_USAGE_OLD}) samples")
-    max_lora, running_adapters, waiting_adapters = _lora_requests(
-        families.get(LORA_REQUESTS_INFO, [])
-    )
+    lora = _lora_requests(families.get(LORA_REQUESTS_INFO, []))
     # A family with no series is still announced by its TYPE line: nothing is loaded then,
     # which differs from a vLLM that does not export the family at all.
     loaded = families.get(LORA_ADAPTER_LOADED)
@@ -74,11 +75,13 @@ def parse_vllm_metrics(text: str) -> MetricsObservation:
         waiting=_count(waiting, WAITING),
         # Averaged: engines have equal caches, so the mean is the pod's share in use.
         kv_cache_usage=sum(v for _, v in kv_usage) / len(kv_usage),
-        max_lora=max_lora,
-        running_adapters=running_adapters,
-        waiting_adapters=waiting_adapters,
+        max_lora=lora.max_lora,
+        running_adapters=lora.running,
+        waiting_adapters=lora.waiting,
         gpu_adapters=gpu,
         cpu_adapters=cpu,
+        last_busy_running=lora.last_busy_running,
+        last_busy_waiting=lora.last_busy_waiting,
     )
 
 
@@ -103,26 +106,44 @@ def _count(samples: Samples, name: str) -> int:
     return round(total)
 
 
-def _lora_requests(samples: Samples) -> tuple[int | None, frozenset[str], frozenset[str]]:
-    """From the newest series: its value is the time the label set was last seen, and vLLM
-    never drops the old ones."""
-    newest, newest_value = None, -math.inf
-    for labels_text, value in samples:
-        if value > newest_value:  # NaN never wins
-            newest, newest_value = labels_text, value
+@dataclass(frozen=True)
+class _LoraRequests:
+    max_lora: int | None = None
+    running: frozenset[str] = frozenset()
+    waiting: frozenset[str] = frozenset()
+    last_busy_running: frozenset[str] = frozenset()
+    last_busy_waiting: frozenset[str] = frozenset()
+
+
+def _lora_requests(samples: Samples) -> _LoraRequests:
+    """From the newest series (its value is the time the label set was last seen, and vLLM
+    never drops the old ones), and from the newest series naming any adapter."""
+    newest = _newest(samples)
     if newest is None:
-        return None, frozenset(), frozenset()
+        return _LoraRequests()
     labels = _parse_labels(newest)
     max_lora = labels.get("max_lora")
     try:
         max_lora_value = None if max_lora is None else int(max_lora)
     except ValueError:
         raise MetricsParseError(f"{LORA_REQUESTS_INFO} has max_lora={max_lora!r}") from None
-    return (
+    busy_text = _newest([(text, value) for text, value in samples if _BUSY.search(text)])
+    busy = _parse_labels(busy_text) if busy_text is not None else {}
+    return _LoraRequests(
         max_lora_value,
         _names(labels.get("running_lora_adapters", "")),
         _names(labels.get("waiting_lora_adapters", "")),
+        _names(busy.get("running_lora_adapters", "")),
+        _names(busy.get("waiting_lora_adapters", "")),
     )
+
+
+def _newest(samples: Samples) -> str | None:
+    newest, newest_value = None, -math.inf
+    for labels_text, value in samples:
+        if value > newest_value:  # NaN never wins
+            newest, newest_value = labels_text, value
+    return newest
 
 
 def _names(joined: str) -> frozenset[str]:

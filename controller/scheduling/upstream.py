@@ -105,7 +105,9 @@ def _affinity(view: EndpointView, target: str) -> float:
     metrics = view.metrics
     if metrics is None:
         return 0.0  # zeroed metrics: nothing active and MaxActiveModels 0
-    active, waiting = metrics.running_adapters, metrics.waiting_adapters
+    # Upstream skips label sets with no adapter in them, so an idle pod keeps reporting the
+    # adapters of its last busy moment.
+    active, waiting = metrics.last_busy_running, metrics.last_busy_waiting
     if target in active:
         return 1.0
     if len(active) + len(waiting) < (metrics.max_lora or 0):

@@ -378,9 +378,7 @@ async def test_a_missing_pool_means_no_endpoints_until_it_is_created(
             await deliveries.reach()
             await cluster.create_pool(POOL_V1ALPHA2, v1alpha2_spec())
             await deliveries.reach("10.0.0.1:8000")
-    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
-        "inferencepool_not_found"
-    ]
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["inferencepool_not_found"]
 
 
 @pytest.mark.asyncio

@@ -24,15 +24,19 @@ def metrics(
     requests: int = 0,
     kv: float = 0.0,
 ) -> MetricsObservation:
+    # The newest label set is also the newest busy one when it names any adapter.
+    running, waiting = frozenset(running), frozenset(waiting)
     return MetricsObservation(
         running=requests,
         waiting=queue,
         kv_cache_usage=kv,
         max_lora=max_lora,
-        running_adapters=frozenset(running),
-        waiting_adapters=frozenset(waiting),
+        running_adapters=running,
+        waiting_adapters=waiting,
         gpu_adapters=None if gpu is None else frozenset(gpu),
         cpu_adapters=None,
+        last_busy_running=running,
+        last_busy_waiting=waiting,
     )
 
 

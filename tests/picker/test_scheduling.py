@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Final
 
 import pytest
@@ -395,6 +396,14 @@ def test_upstream_lora_affinity_uses_only_lora_requests_info() -> None:
     assert scores == [1.0, 0.8, 0.6, 0.0, 0.0, 0.0]
     # Base-model requests are scored too, as an adapter nobody runs.
     assert UpstreamLoraAffinityScorer().score(BASE_REQUEST, views[:2], 0.0) == [0.0, 0.8]
+
+
+def test_upstream_lora_affinity_remembers_the_last_busy_label_set() -> None:
+    idle = replace(metrics(max_lora=2), last_busy_running=frozenset({"a", "b"}))
+    scores = UpstreamLoraAffinityScorer().score(
+        adapter_request(), [make_view(A, observed=idle)], 0.0
+    )
+    assert scores == [1.0]
 
 
 def test_upstream_queue_is_min_max_normalised() -> None:

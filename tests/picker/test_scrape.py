@@ -277,8 +277,10 @@ async def test_an_endpoint_that_dies_goes_stale_with_errors(
     with capture_logs() as logs:
         async with running(fast_scraper(inventory, registry=registry)):
             await until(
-                lambda: view(inventory, sim.url).registered is not None
-                and view(inventory, sim.url).metrics is not None
+                lambda: (
+                    view(inventory, sim.url).registered is not None
+                    and view(inventory, sim.url).metrics is not None
+                )
             )
             await asyncio.to_thread(sim.process.stop)
             await until(lambda: view(inventory, sim.url).metrics is None, within=1.0)

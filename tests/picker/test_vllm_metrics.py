@@ -228,6 +228,10 @@ def reference(text: str) -> MetricsObservation:
     kv = by_name.get(KV_CACHE_USAGE) or by_name[KV_CACHE_USAGE_OLD]
     info = [s for s in by_name.get(LORA_REQUESTS_INFO, []) if not math.isnan(s[1])]
     newest = max(info, key=lambda s: s[1])[0] if info else {}
+    busy = [
+        s for s in info if s[0].get("running_lora_adapters") or s[0].get("waiting_lora_adapters")
+    ]
+    last_busy = max(busy, key=lambda s: s[1])[0] if busy else {}
     loaded = by_name.get(LORA_ADAPTER_LOADED, [])
     present = LORA_ADAPTER_LOADED in declared
 
@@ -235,8 +239,8 @@ def reference(text: str) -> MetricsObservation:
         names = (s[0]["adapter_name"] for s in loaded if s[0]["level"] == which and s[1] == 1)
         return frozenset(names) if present else None
 
-    def adapters(key: str) -> frozenset[str]:
-        return frozenset(n for n in newest.get(key, "").split(",") if n)
+    def adapters(key: str, labels: dict[str, str] = newest) -> frozenset[str]:
+        return frozenset(n for n in labels.get(key, "").split(",") if n)
 
     return MetricsObservation(
         running=round(sum(v for _, v in by_name[RUNNING])),
@@ -247,6 +251,8 @@ def reference(text: str) -> MetricsObservation:
         waiting_adapters=adapters("waiting_lora_adapters"),
         gpu_adapters=level("gpu"),
         cpu_adapters=level("cpu"),
+        last_busy_running=adapters("running_lora_adapters", last_busy),
+        last_busy_waiting=adapters("waiting_lora_adapters", last_busy),
     )
 
 
@@ -370,6 +376,15 @@ def test_the_newest_label_set_wins_wherever_it_stands() -> None:
     observation = parsed(text)
     assert observation.running_adapters == frozenset({"a", "b"})
     assert observation.waiting_adapters == frozenset({"c", "d"})
+
+
+def test_an_idle_pod_still_reports_its_last_busy_label_set() -> None:
+    # What the upstream picker reads: label sets naming no adapter are skipped.
+    text = vllm_page(lora_info=[("a", "b", 1_700_000_005.0), ("", "", 1_700_000_009.0)])
+    observation = parsed(text)
+    assert observation.running_adapters == frozenset()
+    assert observation.last_busy_running == frozenset({"a"})
+    assert observation.last_busy_waiting == frozenset({"b"})
 
 
 def test_an_empty_label_value_means_no_adapter() -> None:
