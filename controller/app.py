@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from controller.endpoints import InferencePoolEndpoints, StaticEndpoints
 from controller.extproc.server import serve_picker
 from controller.http_api import HttpState, build_app
-from controller.inventory import Inventory
+from controller.inventory import Endpoint, Inventory
 from controller.model_sources import FileModels
 from controller.picker import EndpointPicker, PickerSettings
 from controller.picker_metrics import PickerMetrics
@@ -37,14 +37,23 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
     loop = asyncio.get_running_loop()
     registry = CollectorRegistry()
     inventory = Inventory()
+
+    def endpoints_changed(endpoints: list[Endpoint]) -> None:
+        # An endpoint that leaves (deleted, or no longer ready: restarting, say) comes back
+        # with empty GPU slots: whatever we believed was hot there is forgotten.
+        gone = {e.address for e in inventory.endpoints()} - {e.address for e in endpoints}
+        inventory.set_endpoints(endpoints)
+        for address in gone:
+            pipeline.residency.forget(address)
+
     stats = TrafficStats()
     sources: list[Startable] = []
     if args.endpoints:
-        sources.append(StaticEndpoints(args.endpoints.split(","), inventory.set_endpoints))
+        sources.append(StaticEndpoints(args.endpoints.split(","), endpoints_changed))
     else:
         sources.append(
             InferencePoolEndpoints(
-                kube_api_client(), args.namespace, args.pool, loop, inventory.set_endpoints
+                kube_api_client(), args.namespace, args.pool, loop, endpoints_changed
             )
         )
     models = FileModels(args.models, loop, pool=args.pool)

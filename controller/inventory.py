@@ -69,6 +69,10 @@ class _Observed:
     sidecar_states: dict[str, str] | None = None
     sidecar_at: float = 0.0
     scrape_errors: dict[str, str] = field(default_factory=dict)
+    # The last view built, and which observations were fresh in it: the picker takes a
+    # snapshot per request, and rebuilding unchanged views would dominate its cost.
+    view: EndpointView | None = None
+    view_freshness: tuple[bool, bool, bool] = (False, False, False)
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,9 @@ class Inventory:
         for endpoint in endpoints:
             known = self._observed.get(endpoint.address)
             current[endpoint.address] = (
-                _Observed(endpoint) if known is None else replace(known, endpoint=endpoint)
+                _Observed(endpoint)
+                if known is None
+                else replace(known, endpoint=endpoint, view=None)
             )
         self._observed = current
 
@@ -102,16 +108,19 @@ class Inventory:
         if (observed := self._observed.get(address)) is not None:
             observed.metrics, observed.metrics_at = metrics, time.monotonic()
             observed.scrape_errors.pop("metrics", None)
+            observed.view = None
 
     def record_registered(self, address: str, adapters: frozenset[str]) -> None:
         if (observed := self._observed.get(address)) is not None:
             observed.registered, observed.registered_at = adapters, time.monotonic()
             observed.scrape_errors.pop("models", None)
+            observed.view = None
 
     def record_sidecar(self, address: str, states: dict[str, str]) -> None:
         if (observed := self._observed.get(address)) is not None:
             observed.sidecar_states, observed.sidecar_at = dict(states), time.monotonic()
             observed.scrape_errors.pop("sidecar", None)
+            observed.view = None
 
     def record_error(self, address: str, source: str, error: str) -> None:
         """source: "metrics", "models" or "sidecar"."""
@@ -121,15 +130,23 @@ class Inventory:
     def snapshot(self, now: float | None = None) -> list[EndpointView]:
         now = time.monotonic() if now is None else now
         limits = self.staleness
-        return [
-            EndpointView(
-                endpoint=o.endpoint,
-                metrics=o.metrics if now - o.metrics_at <= limits.metrics else None,
-                registered=o.registered if now - o.registered_at <= limits.models else None,
-                sidecar_states=o.sidecar_states if now - o.sidecar_at <= limits.sidecar else None,
+        views = []
+        for o in self._observed.values():
+            freshness = (
+                now - o.metrics_at <= limits.metrics,
+                now - o.registered_at <= limits.models,
+                now - o.sidecar_at <= limits.sidecar,
             )
-            for o in self._observed.values()
-        ]
+            if o.view is None or freshness != o.view_freshness:
+                o.view = EndpointView(
+                    endpoint=o.endpoint,
+                    metrics=o.metrics if freshness[0] else None,
+                    registered=o.registered if freshness[1] else None,
+                    sidecar_states=o.sidecar_states if freshness[2] else None,
+                )
+                o.view_freshness = freshness
+            views.append(o.view)
+        return views
 
     def errors(self) -> dict[str, dict[str, str]]:
         return {a: dict(o.scrape_errors) for a, o in self._observed.items() if o.scrape_errors}
