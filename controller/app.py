@@ -16,7 +16,7 @@ from controller.endpoints import InferencePoolEndpoints, StaticEndpoints
 from controller.extproc.server import serve_picker
 from controller.http_api import HttpState, build_app
 from controller.inventory import Endpoint, Inventory
-from controller.model_sources import FileModels
+from controller.model_sources import ClusterModels, FileModels
 from controller.picker import EndpointPicker, PickerSettings
 from controller.picker_metrics import PickerMetrics
 from controller.scheduling.pipeline import Pipeline
@@ -56,7 +56,11 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
                 kube_api_client(), args.namespace, args.pool, loop, endpoints_changed
             )
         )
-    models = FileModels(args.models, loop, pool=args.pool)
+    models: FileModels | ClusterModels
+    if args.models is not None:
+        models = FileModels(args.models, loop, pool=args.pool)
+    else:
+        models = ClusterModels(kube_api_client(), args.namespace, args.pool, loop)
     sources.append(models)
     scraper = Scraper(
         inventory,

@@ -35,9 +35,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     where.add_argument(
         "--models",
         type=Path,
-        required=True,
-        help="YAML file of InferenceModel / InferenceModelRewrite documents; "
-        "reloaded when it changes",
+        help="YAML file of InferenceModel / InferenceModelRewrite documents, reloaded when it "
+        "changes; default with --pool: the namespace's objects for that pool, watched",
     )
     where.add_argument(
         "--base-model",
@@ -108,6 +107,11 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(args.log_level)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("loractl controller: error: --tls-cert and --tls-key go together")
+    if args.endpoints and args.models is None:
+        raise SystemExit(
+            "loractl controller: error: --endpoints needs --models (a file of InferenceModel "
+            "documents); only --pool can read them from the cluster"
+        )
     for path in (args.models, args.profile, args.tls_cert, args.tls_key):
         if path is not None and not path.is_file():
             raise SystemExit(f"loractl controller: error: {path}: no such file")
