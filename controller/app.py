@@ -10,15 +10,19 @@ from typing import Protocol
 
 import structlog
 from aiohttp import web
+from kubernetes.client import ApiClient
 from prometheus_client import CollectorRegistry
 
+from controller.backend.kube import KubeBackend
 from controller.endpoints import InferencePoolEndpoints, StaticEndpoints
 from controller.extproc.server import serve_picker
 from controller.http_api import HttpState, build_app
 from controller.inventory import Endpoint, Inventory
+from controller.leader import LeaderElector, leader_identity
 from controller.model_sources import ClusterModels, FileModels
 from controller.picker import EndpointPicker, PickerSettings
 from controller.picker_metrics import PickerMetrics
+from controller.rollout.runner import RolloutMetrics, RolloutRunner
 from controller.scheduling.pipeline import Pipeline
 from controller.scrape import Scraper
 from controller.stats import TrafficStats
@@ -48,19 +52,19 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
 
     stats = TrafficStats()
     sources: list[Startable] = []
-    if args.endpoints:
+    api = None if args.endpoints else kube_api_client()
+    if api is None:
         sources.append(StaticEndpoints(args.endpoints.split(","), endpoints_changed))
     else:
         sources.append(
-            InferencePoolEndpoints(
-                kube_api_client(), args.namespace, args.pool, loop, endpoints_changed
-            )
+            InferencePoolEndpoints(api, args.namespace, args.pool, loop, endpoints_changed)
         )
     models: FileModels | ClusterModels
     if args.models is not None:
         models = FileModels(args.models, loop, pool=args.pool)
     else:
-        models = ClusterModels(kube_api_client(), args.namespace, args.pool, loop)
+        assert api is not None, "the CLI requires --models with --endpoints"
+        models = ClusterModels(api, args.namespace, args.pool, loop)
     sources.append(models)
     scraper = Scraper(
         inventory,
@@ -109,8 +113,14 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     scraping = asyncio.create_task(scraper.run())
+    rollouts = None
+    if api is not None and not args.picker_only:
+        rollouts = Rollouts(api, args, inventory, stats, registry)
+        rollouts.start()
     await stop.wait()
     log.info("stopping")
+    if rollouts is not None:
+        await rollouts.stop()
     if picker_server is not None:
         await picker_server.stop()
     scraper.stop()
@@ -118,3 +128,62 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
     for source in sources:
         await asyncio.to_thread(source.stop)  # watch threads may take a moment to let go
     await runner.cleanup()
+
+
+class Rollouts:
+    """The rollout controller: the backend's caches, leader election and the runner.
+
+    Every replica watches; only the Lease holder writes. Without leader election (one
+    replica, or development) this replica always leads.
+    """
+
+    def __init__(
+        self,
+        api: ApiClient,
+        args: argparse.Namespace,
+        inventory: Inventory,
+        stats: TrafficStats,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.backend = KubeBackend(api, args.namespace)
+        self.runner = RolloutRunner(
+            self.backend, inventory, stats, RolloutMetrics(registry, self.backend)
+        )
+        self.elector = (
+            None
+            if args.no_leader_election
+            else LeaderElector(
+                api,
+                args.namespace,
+                args.lease_name,
+                leader_identity(),
+                on_start_leading=self._leading,
+                on_stop_leading=lambda: log.warning("leadership_lost", lease=args.lease_name),
+            )
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._run()))
+
+    async def _run(self) -> None:
+        await self.backend.start()
+        log.info("rollouts_watching", rollouts=len(self.backend.rollouts()))
+        elector = self.elector
+        if elector is None:
+            await self.runner.run(lambda: True)
+            return
+        self._tasks.append(asyncio.create_task(elector.run()))
+        await self.runner.run(lambda: elector.is_leader)
+
+    def _leading(self) -> None:
+        log.info("leadership_acquired")
+        self.runner.trigger()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.elector is not None:
+            await self.elector.stop()  # releases the Lease: a successor takes over at once
+        await self.backend.stop()

@@ -46,6 +46,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="a target served by the base model itself (repeatable)",
     )
     picker = parser.add_argument_group("picker")
+    rollouts = parser.add_argument_group("rollouts (with --pool)")
+    rollouts.add_argument(
+        "--picker-only",
+        action="store_true",
+        help="serve the picker without running rollouts: for extra replicas that scale the "
+        "picker out (rollout gates read the traffic of the leader's own picker)",
+    )
+    rollouts.add_argument(
+        "--lease-name",
+        default="loractl-controller",
+        help="coordination.k8s.io Lease for leader election: only its holder writes",
+    )
+    rollouts.add_argument(
+        "--no-leader-election",
+        action="store_true",
+        help="always act as the leader (one replica only)",
+    )
     picker.add_argument(
         "--no-picker",
         action="store_true",
