@@ -88,6 +88,7 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
             inventory,
             pipeline,
             models.current,
+            models.synced,
             PickerSettings(
                 passthrough=args.passthrough,
                 sticky_header=args.sticky_header,

@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     # the other subcommands (the sidecar above all) must not pay.
     from controller.app import serve
     from controller.scheduling.profile import ProfileError, load_profile
+    from loractl.kube import KubeConfigError
 
     rng = random.Random(args.seed)
     try:
@@ -146,5 +147,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except ProfileError as exc:
         raise SystemExit(f"loractl controller: error: {args.profile}: {exc}") from exc
-    asyncio.run(serve(args, pipeline, rng))
+    try:
+        asyncio.run(serve(args, pipeline, rng))
+    except KubeConfigError as exc:
+        raise SystemExit(f"loractl controller: error: {exc}") from exc
     return 0

@@ -39,6 +39,9 @@ class FileModels:
     def current(self) -> ModelTable:
         return self.table
 
+    def synced(self) -> bool:
+        return True  # read synchronously at start
+
     def start(self) -> None:
         self.reload()
         self._watcher.start()
@@ -85,6 +88,8 @@ class ClusterModels:
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # two informer threads report here
         self._objects: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in PLURALS}
+        self._heard_from: set[str] = set()
+        self._synced = False
         custom = CustomObjectsApi(api_client)
         self._informers = [
             Informer(
@@ -103,6 +108,11 @@ class ClusterModels:
     def current(self) -> ModelTable:
         return self.table
 
+    def synced(self) -> bool:
+        """Whether both kinds were listed once: until then an unknown model may be unknown
+        only to us."""
+        return self._synced
+
     def start(self) -> None:
         for informer in self._informers:
             informer.start()
@@ -117,20 +127,24 @@ class ClusterModels:
         def on_state(objects: dict[str, dict[str, Any]] | None) -> None:
             with self._lock:
                 self._objects[kind] = objects or {}
+                self._heard_from.add(kind)
+                synced = self._heard_from == PLURALS.keys()
                 everything = [o for by_name in self._objects.values() for o in by_name.values()]
             table, errors = ModelTable.from_objects(everything, pool=self.pool)
             for error in errors:
                 log.error("model_object_rejected", error=error)
             try:
-                self._loop.call_soon_threadsafe(self._install, table)
+                self._loop.call_soon_threadsafe(self._install, table, synced)
             except RuntimeError:  # the loop is closed: nobody is left to deliver to
                 self._stopping.set()
 
         return on_state
 
-    def _install(self, table: ModelTable) -> None:
+    def _install(self, table: ModelTable, synced: bool) -> None:
+        if table.routes() != self.table.routes():
+            log.info("models_loaded", models=sorted(r.model for r in table.routes()))
         self.table = table
-        log.info("models_loaded", models=sorted(r.model for r in table.routes()))
+        self._synced = self._synced or synced
 
 
 def _with_kind(kind: str) -> Callable[[dict[str, Any]], dict[str, Any]]:

@@ -56,6 +56,7 @@ class EndpointPicker:
         inventory: Inventory,
         pipeline: Pipeline,
         models: Callable[[], ModelTable],
+        models_synced: Callable[[], bool],
         settings: PickerSettings,
         stats: TrafficStats,
         metrics: PickerMetrics,
@@ -64,6 +65,7 @@ class EndpointPicker:
         self.inventory = inventory
         self.pipeline = pipeline
         self._models = models
+        self._models_synced = models_synced
         self.settings = settings
         self.stats = stats
         self.metrics = metrics
@@ -87,6 +89,17 @@ class EndpointPicker:
             return self._rejected("", "", "bad_request", parsed)
         document, model = parsed
         model_route = self._models().resolve(model)
+        if model_route is None and not self._models_synced():
+            return self._rejected(
+                model,
+                "",
+                "starting",
+                Reject(
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    "The picker is starting: the InferenceModels are not read yet; retry.",
+                    "ServiceUnavailableError",
+                ),
+            )
         if model_route is None:
             if not self.settings.passthrough:
                 return self._rejected(

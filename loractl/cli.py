@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
+from controller import canary_cli
 from controller import cli as controller_cli
 from loractl import __version__
 from sidecar import cli as sidecar_cli
@@ -18,6 +19,7 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 
 REGISTRARS: tuple[Registrar, ...] = (
     controller_cli.register,
+    canary_cli.register,
     sidecar_cli.register,
     simulator_cli.register,
 )

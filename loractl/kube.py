@@ -43,12 +43,14 @@ class KubeConfigError(RuntimeError):
     """No usable credentials for the Kubernetes API."""
 
 
-def kube_api_client() -> ApiClient:
-    """In-cluster config if KUBERNETES_SERVICE_HOST is set, else the kubeconfig."""
+def kube_api_client(kubeconfig: str | None = None) -> ApiClient:
+    """The kubeconfig at `kubeconfig` when given (a command line's --kubeconfig wins, as
+    kubectl's does); else in-cluster config if KUBERNETES_SERVICE_HOST is set; else the
+    kubeconfig at env KUBECONFIG, or ~/.kube/config."""
     configuration = Configuration()
     # Read at call time: the client's own default path is frozen when it is imported.
-    path = os.environ.get("KUBECONFIG", "~/.kube/config")
-    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    path = kubeconfig or os.environ.get("KUBECONFIG", "~/.kube/config")
+    in_cluster = kubeconfig is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     try:
         if in_cluster:
             config.load_incluster_config(configuration)  # type: ignore[no-untyped-call]
@@ -56,11 +58,12 @@ def kube_api_client() -> ApiClient:
             config.load_kube_config(path, client_configuration=configuration)  # type: ignore[no-untyped-call]
     # Broad on purpose: a malformed kubeconfig surfaces as YAML, type or key errors.
     except Exception as error:
-        tried = (
-            "the in-cluster service account (KUBERNETES_SERVICE_HOST is set)"
-            if in_cluster
-            else f"kubeconfig {path} (KUBERNETES_SERVICE_HOST is not set: not in a cluster)"
-        )
+        if in_cluster:
+            tried = "the in-cluster service account (KUBERNETES_SERVICE_HOST is set)"
+        elif kubeconfig:
+            tried = f"kubeconfig {path}"
+        else:
+            tried = f"kubeconfig {path} (KUBERNETES_SERVICE_HOST is not set: not in a cluster)"
         raise KubeConfigError(f"no Kubernetes API credentials: tried {tried}: {error}") from error
     return ApiClient(configuration)
 

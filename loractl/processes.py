@@ -41,6 +41,11 @@ class ChildProcess:
         self._cwd = cwd
         self._popen: subprocess.Popen[bytes] | None = None
 
+    def again(self) -> ChildProcess:
+        """A new, unstarted process like this one (same command, environment and log file),
+        as a container restart would bring back."""
+        return ChildProcess(self.name, self.argv, self.log_path, env=self._env, cwd=self._cwd)
+
     def start(self) -> ChildProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log_file:

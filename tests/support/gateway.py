@@ -66,7 +66,7 @@ class Controller:
 
     def restart(self, children: list[ChildProcess]) -> None:
         """A new process on the same ports, as after a crash and a container restart."""
-        self.process = ChildProcess(self.process.name, self.argv, self.process.log_path)
+        self.process = self.process.again()
         children.append(self.process.start())
         self.process.wait_http_ok(f"{self.metrics_url}/healthz")
 
