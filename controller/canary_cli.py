@@ -65,6 +65,7 @@ SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/names
 CRD_MANIFEST = "manifests/crds/adapterrollouts.loractl.io.yaml"
 DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 MAX_NAME = 253
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
 HISTORY_SHOWN = 5
 WATCH_INTERVAL = 2.0  # seconds
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
@@ -235,9 +236,11 @@ def plan_rollout(flags: StartFlags, cluster: ClusterSnapshot) -> Plan:
     """The AdapterRollout to create, or every problem with its fix; pure."""
     draft = _Draft(flags, cluster)
     name = _rollout_name(draft)
+    _check_model_is_free(draft)
     steps = _steps(draft)
     gates = _gates(draft)
-    _check_adapter(draft, "--to", flags.to, flags.source)
+    _check_sticky_header(draft)
+    _check_to(draft)
     split = _split(draft)
     from_id = _from_id(draft, split)
     if from_id == flags.to:
@@ -247,7 +250,11 @@ def plan_rollout(flags: StartFlags, cluster: ClusterSnapshot) -> Plan:
         )
     pool = _pool(draft, split)
     config_name = _configmap_name(draft)
-    from_source = _adapter_sources(draft, config_name, from_id)
+    document = _adapter_document(draft, config_name)
+    from_source = None
+    if document is not None:
+        _check_to_id_is_free(draft, document)
+        from_source = _from_source(draft, document, from_id)
     if name is None or draft.problems:  # a part not found is a problem
         return Plan(None, draft.notes, draft.problems)
     spec: dict[str, Any] = {
@@ -290,7 +297,7 @@ def dns_name(text: str) -> str:
     """`text` made a valid object name: lowercase, '-' for anything else, at most 253."""
     name = re.sub(r"[^a-z0-9.-]+", "-", text.lower())
     name = re.sub(r"-{2,}", "-", name)
-    name = re.sub(r"\.[-.]*", ".", name)  # no empty or '-'-led labels
+    name = re.sub(r"[-.]*\.[-.]*", ".", name)  # no empty labels, none led or ended by '-'
     name = name[:MAX_NAME]
     return name.strip("-.") or "rollout"
 
@@ -312,13 +319,18 @@ def _rollout_name(draft: _Draft) -> str | None:
                 f"pick another --name, or delete it with "
                 f"`kubectl delete adapterrollout {name} -n {cluster.namespace}`"
             )
-        elif record.model == flags.model and not record.terminal:
-            draft.problems.append(
-                f"model {flags.model!r} already has a rollout under way, {record.name} "
-                f"(phase {record.phase}): two would fight over its weights; wait for it to "
-                f"end, or stop it with `loractl canary abort {flags.model}`"
-            )
     return name
+
+
+def _check_model_is_free(draft: _Draft) -> None:
+    model = draft.flags.model
+    for record in draft.cluster.rollouts:
+        if record.model == model and not record.terminal:
+            draft.problems.append(
+                f"model {model!r} already has a rollout under way, {record.name} "
+                f"(phase {record.phase}): two would fight over its weights; wait for it to "
+                f"end, or stop it with `loractl canary abort {model}`"
+            )
 
 
 def parse_steps(text: str, pause: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -404,27 +416,27 @@ def _gates(draft: _Draft) -> dict[str, Any] | None:
                 f"{GATE_FLAGS[api_name]} {gates[api_name]}: {problem['msg'].lower()}"
             )
         return None
-    if flags.sticky_header is not None and not re.fullmatch(
-        r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", flags.sticky_header
-    ):
-        draft.problems.append(
-            f"--sticky-header {flags.sticky_header!r} is not an HTTP header name: use letters, "
-            "digits and '-', e.g. x-user-id"
-        )
     return gates
 
 
-def _check_adapter(draft: _Draft, flag: str, adapter_id: str, source: str | None) -> None:
+def _check_sticky_header(draft: _Draft) -> None:
+    header = draft.flags.sticky_header
+    if header is not None and not HEADER_NAME.fullmatch(header):
+        draft.problems.append(
+            f"--sticky-header {header!r} is not an HTTP header name: use letters, digits and "
+            "'-', e.g. x-user-id"
+        )
+
+
+def _check_to(draft: _Draft) -> None:
     from sidecar.config import id_problem
     from sidecar.sources import SourceError, parse_source
 
-    problem = id_problem(adapter_id)
+    problem = id_problem(draft.flags.to)
     if problem is not None:
-        draft.problems.append(f"{flag}: {problem}")
-    if source is None:
-        return
+        draft.problems.append(f"--to: {problem}")
     try:
-        parse_source(source)
+        parse_source(draft.flags.source)
     except SourceError as error:
         draft.problems.append(f"--source: {error}")
 
@@ -553,15 +565,17 @@ def _configmap_name(draft: _Draft) -> str | None:
             f"an adapter config under key {flags.key}"
         )
         return candidates[0]
-    found = (
-        f"several do ({', '.join(candidates)})"
-        if candidates
-        else f"none in namespace {cluster.namespace} does"
-    )
-    draft.problems.append(
-        f"which ConfigMap do the pool's sidecars read? {found} hold an adapter config under "
-        f"key {flags.key}: pass --configmap (and --key if it is not {DEFAULT_KEY})"
-    )
+    if candidates:
+        draft.problems.append(
+            f"several ConfigMaps hold an adapter config under key {flags.key} "
+            f"({', '.join(candidates)}): pass --configmap with the one the pool's sidecars read"
+        )
+    else:
+        draft.problems.append(
+            f"no ConfigMap in namespace {cluster.namespace} holds an adapter config under key "
+            f"{flags.key}: pass --configmap with the one the pool's sidecars read (and --key "
+            "with its key)"
+        )
     return None
 
 
@@ -576,45 +590,64 @@ def _adapter_config(text: str | None) -> DesiredState | None:
         return None
 
 
-def _adapter_sources(draft: _Draft, config_name: str | None, from_id: str | None) -> str | None:
-    """The source `from` is listed with (the rollout puts it back on abort), after checking
-    that the ConfigMap parses and does not give --to's id to other weights."""
-    from sidecar.config import ConfigError, parse_config
-    from sidecar.sources import SourceError, parse_source
+@dataclass(frozen=True)
+class _Document:
+    """The adapter document of the ConfigMap, as text and as its sidecars read it."""
 
-    flags = draft.flags
+    where: str  # "ConfigMap NAME, key KEY"
+    text: str
+    desired: DesiredState
+
+
+def _adapter_document(draft: _Draft, config_name: str | None) -> _Document | None:
+    from sidecar.config import ConfigError, parse_config
+
     if config_name is None:
         return None
-    text = draft.cluster.configmaps[config_name].get(flags.key)
-    where = f"ConfigMap {config_name}, key {flags.key}"
+    key = draft.flags.key
+    text = draft.cluster.configmaps[config_name].get(key)
+    where = f"ConfigMap {config_name}, key {key}"
     if text is None:
         draft.problems.append(f"{where}: no such key: pass --key with the key the sidecars read")
         return None
     try:
-        desired = parse_config(text)
+        return _Document(where, text, parse_config(text))
     except ConfigError as error:
         draft.problems.append(f"{where}: {error}; the sidecars reject it too: fix it first")
         return None
-    listed_to = desired.ensure_exist.get(flags.to)
+
+
+def _check_to_id_is_free(draft: _Draft, document: _Document) -> None:
+    """An id listed with other weights would have its source replaced under running pods."""
+    from sidecar.sources import SourceError, parse_source
+
+    flags = draft.flags
+    listed = document.desired.ensure_exist.get(flags.to)
     try:
-        to_key = parse_source(flags.source).key()
+        wanted = parse_source(flags.source).key()
     except SourceError:
-        to_key = None  # reported with --source
-    if listed_to is not None and to_key is not None and listed_to.source_key != to_key:
+        return  # reported with --source
+    if listed is not None and listed.source_key != wanted:
         draft.problems.append(
-            f"--to {flags.to} is already in {where} with source "
-            f"{_listed_source(text, flags.to)}, not "
-            f"{flags.source}: one id must always mean the same weights; pick a new --to id"
+            f"--to {flags.to} is already in {document.where} with source "
+            f"{_listed_source(document.text, flags.to)}, not {flags.source}: one id must "
+            "always mean the same weights; pick a new --to id"
         )
+
+
+def _from_source(draft: _Draft, document: _Document, from_id: str | None) -> str | None:
+    """The source `from` is listed with: the rollout puts it back on abort."""
     if from_id is None:
         return None
-    source = _listed_source(text, from_id)
-    if from_id in desired.problems:
-        draft.problems.append(f"{where} lists {from_id} wrongly: {desired.problems[from_id]}")
-    elif source is None:
+    problem = document.desired.problems.get(from_id)
+    if problem is not None:
+        draft.problems.append(f"{document.where} lists {from_id} wrongly: {problem}")
+        return None
+    source = _listed_source(document.text, from_id)
+    if source is None:
         draft.problems.append(
-            f"{from_id} (from) is not in ensureExist of {where}: the rollout needs its source to "
-            "put it back on abort; check --from and --configmap"
+            f"{from_id} (from) is not in ensureExist of {document.where}: the rollout needs "
+            "its source to put it back on abort; check --from and --configmap"
         )
     return source
 
@@ -635,7 +668,7 @@ def _object_name(obj: Mapping[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("name") or "")
 
 
-def describe_plan(manifest: Mapping[str, Any]) -> str:
+def describe_created(manifest: Mapping[str, Any]) -> str:
     spec = manifest["spec"]
     steps = ", ".join(
         f"{step['weight']}%" + (f" for {step['pause']}" if step.get("pause") else "")
@@ -649,8 +682,6 @@ def describe_plan(manifest: Mapping[str, Any]) -> str:
 
 
 # ==== canary pause | resume | promote | abort ====
-
-COMMANDS = ("pause", "resume", "promote", "abort")
 
 
 def command_patch(command: str, record: RolloutRecord) -> tuple[dict[str, Any] | None, str]:
@@ -856,8 +887,11 @@ def _history_lines(status: RolloutStatus, now: datetime) -> list[str]:
 
 def _span(delta: timedelta) -> str:
     seconds = max(0, int(delta.total_seconds()))
-    hours, rest = divmod(seconds, 3600)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
     minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
     if hours:
         return f"{hours}h{minutes:02d}m"
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
@@ -900,7 +934,7 @@ class Desired:
     def state(self, adapter_id: str) -> str:
         if adapter_id in self.ensure_exist:
             return "exist"
-        return "not exist" if adapter_id in self.ensure_not_exist else NOT_REPORTED
+        return "not exist" if adapter_id in self.ensure_not_exist else ""
 
 
 def parse_annotation(text: str) -> dict[str, str]:
@@ -993,8 +1027,8 @@ def _matrix_notes(pods: Sequence[PodAdapters], desired: Desired | None, where: s
     blind = [pod.name for pod in pods if pod.adapters is None]
     if blind:
         notes.append(
-            f"{NO_ANNOTATION}: {', '.join(blind)} carry no {ANNOTATION} annotation: run their "
-            "sidecar with --annotate-pod (it needs RBAC patch on pods)"
+            f"{NO_ANNOTATION}: no {ANNOTATION} annotation on {', '.join(blind)}: run the "
+            "sidecars with --annotate-pod (it needs RBAC patch on pods)"
         )
     if any(pod.adapters is not None for pod in pods):
         notes.append(f"{NOT_REPORTED}: the pod's sidecar does not report that adapter")
@@ -1034,7 +1068,7 @@ def register(subparsers: Subparsers) -> None:
     )
     where.add_argument(
         "--kubeconfig",
-        help="kubeconfig file (default: env KUBECONFIG, else in a pod its service account, "
+        help="kubeconfig file (default: in a pod its service account, else env KUBECONFIG, "
         "else ~/.kube/config)",
     )
     _register_canary(subparsers, common)
@@ -1074,7 +1108,13 @@ def _register_canary(subparsers: Subparsers, common: argparse.ArgumentParser) ->
     )
     status.add_argument("model", metavar="MODEL", help="the model name clients send")
     _watch_flags(status)
-    status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    status.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "json"),
+        default="table",
+        help="table for people, json for scripts (with --watch: a JSON line per change)",
+    )
     status.set_defaults(run=run_status)
     for command, what in (
         ("pause", "hold the weights where they are (sets spec.paused)"),
@@ -1202,7 +1242,7 @@ def _register_adapters(subparsers: Subparsers, common: argparse.ArgumentParser) 
         help="also show this adapter ConfigMap's ensureExist / ensureNotExist lists",
     )
     ls.add_argument("--key", default=DEFAULT_KEY, help="its key holding the adapter config")
-    ls.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    ls.add_argument("-o", "--output", choices=("table", "json"), default="table", help="format")
     ls.set_defaults(run=run_adapters)
 
 
@@ -1216,23 +1256,24 @@ class Cluster:
     def __init__(self, client: ApiClient, namespace: str) -> None:
         from kubernetes.client import CoreV1Api, CustomObjectsApi
 
+        from loractl.kube import REQUEST_TIMEOUT
+
         self.client = client
         self.namespace = namespace
         self.server = str(client.configuration.host)
         self._core = CoreV1Api(client)
         self._custom = CustomObjectsApi(client)
+        # The JSON as the server sent it (the typed models drop fields they do not know).
+        self._raw: dict[str, Any] = {"_preload_content": False, "_request_timeout": REQUEST_TIMEOUT}
 
     def objects(self, resource: Resource, optional: bool = False) -> list[dict[str, Any]]:
         """The objects, each with its kind; an optional resource not served reads as none."""
-        from loractl.kube import REQUEST_TIMEOUT
-
-        raw: dict[str, Any] = {"_preload_content": False, "_request_timeout": REQUEST_TIMEOUT}
         if resource == CONFIGMAPS:
             call: Callable[[], Any] = partial(
-                self._core.list_namespaced_config_map, self.namespace, **raw
+                self._core.list_namespaced_config_map, self.namespace, **self._raw
             )
         elif resource == PODS:
-            call = partial(self._core.list_namespaced_pod, self.namespace, **raw)
+            call = partial(self._core.list_namespaced_pod, self.namespace, **self._raw)
         else:
             call = partial(
                 self._custom.list_namespaced_custom_object,
@@ -1240,7 +1281,7 @@ class Cluster:
                 resource.version,
                 self.namespace,
                 resource.plural,
-                **raw,
+                **self._raw,
             )
         body = self._request("list", resource, call, absent_ok=optional)
         items = [] if body is None else body.get("items") or []
@@ -1248,12 +1289,9 @@ class Cluster:
 
     def object(self, resource: Resource, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
-        from loractl.kube import REQUEST_TIMEOUT
-
-        raw: dict[str, Any] = {"_preload_content": False, "_request_timeout": REQUEST_TIMEOUT}
         if resource == CONFIGMAPS:
             call: Callable[[], Any] = partial(
-                self._core.read_namespaced_config_map, name, self.namespace, **raw
+                self._core.read_namespaced_config_map, name, self.namespace, **self._raw
             )
         else:
             call = partial(
@@ -1263,7 +1301,7 @@ class Cluster:
                 self.namespace,
                 resource.plural,
                 name,
-                **raw,
+                **self._raw,
             )
         return self._request("get", resource, call, absent_ok=True)
 
@@ -1278,6 +1316,7 @@ class Cluster:
         self, verb: str, resource: Resource, call: Callable[[], Any], absent_ok: bool
     ) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
         try:
             body: dict[str, Any] = json.loads(call().data)
@@ -1285,21 +1324,31 @@ class Cluster:
             if error.status == 404 and absent_ok:
                 return None
             raise self.failure(error, verb, resource) from error
-        except Exception as error:  # unreachable: urllib3 and socket errors, many classes
+        # Unreachable (urllib3's and the socket's errors), or not an API server (not JSON).
+        except (HTTPError, OSError, ValueError) as error:
             raise self.failure(error, verb, resource) from error
         return body
 
-    def failure(self, error: BaseException, verb: str, resource: Resource) -> CliError:
+    def failure(self, error: Exception, verb: str, resource: Resource) -> CliError:
         """What went wrong, for a person: the server, and the verb and resource refused."""
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
         what = f"{verb} {resource.name} in namespace {self.namespace}"
+        if not isinstance(error, ApiException | HTTPError | OSError):
+            return CliError(f"could not {what} at {self.server}: {error}", EXIT_API)
         if not isinstance(error, ApiException):
             reason = re.sub(r"^\w+\(host=[^)]*\): ", "", str(getattr(error, "reason", error)))
             return CliError(
                 f"cannot reach the Kubernetes API server at {self.server} ({reason}): is the "
                 "cluster up, and does the kubeconfig's current context point at it? "
                 "(--kubeconfig, env KUBECONFIG)",
+                EXIT_API,
+            )
+        if error.status == 404 and resource == ROLLOUTS:
+            return CliError(
+                f"the API server at {self.server} does not serve {resource.name}; install the "
+                f"CRD: kubectl apply -f {CRD_MANIFEST}",
                 EXIT_API,
             )
         said = _server_message(error)
@@ -1310,11 +1359,9 @@ class Cluster:
             problem = f"forbidden to {what} (HTTP 403 from {self.server})"
             fix = (
                 f"ask for a Role granting '{verb}' on {resource.name} in {self.namespace}, "
-                "bound to your user or service account"
+                "bound to your user or service account (manifests/controller/rbac.yaml has "
+                "one: loractl-canary-operator)"
             )
-        elif error.status == 404 and resource == ROLLOUTS:
-            problem = f"the API server at {self.server} does not serve {resource.name}"
-            fix = f"install the CRD: kubectl apply -f {CRD_MANIFEST}"
         else:
             problem = f"could not {what}: HTTP {error.status} {error.reason} from {self.server}"
             fix = "see the server's answer"
@@ -1416,8 +1463,10 @@ def _write(
     except (AlreadyExistsError, NotFoundError) as error:
         raise CliError(f"{error}; nothing was written") from error
     except BackendError as error:
+        # The backend names the object; the client's error it wraps says what went wrong.
         cause = error.__cause__
-        raise cluster.failure(cause or error, verb, ROLLOUTS) from error
+        reported = cause if isinstance(cause, Exception) else error
+        raise cluster.failure(reported, verb, ROLLOUTS) from error
 
 
 @_command
@@ -1439,7 +1488,6 @@ def run_start(args: argparse.Namespace) -> int:
         keep_on_abort=args.keep_on_abort,
         name=args.name,
     )
-    _check_interval(args)
     cluster = connect(args)
     plan = plan_rollout(flags, snapshot(cluster))
     for note in plan.notes:
@@ -1448,7 +1496,7 @@ def run_start(args: argparse.Namespace) -> int:
         raise CliError(plan.problems)
     manifest = plan.manifest
     _write(cluster, "create", lambda backend: backend.create_rollout(manifest))
-    print(describe_plan(manifest))
+    print(describe_created(manifest))
     name = manifest["metadata"]["name"]
     if not args.watch:
         print(f"follow it with: loractl canary status {flags.model} -n {cluster.namespace} --watch")
@@ -1511,13 +1559,17 @@ def watch(
     (its clock moves); elsewhere a view, or a JSON line, is printed per change only."""
     redraw = out.isatty() and args.output == "table"
     shown: object = None
+    failing = ""
     while True:
         try:
             record = cluster.rollout(name)
         except CliError as error:  # a dropped connection need not end a long watch
-            print(f"({error}; retrying)", file=sys.stderr)
+            if str(error) != failing:  # said once, not every interval
+                failing = str(error)
+                print(f"{failing}; retrying every {args.interval:g}s", file=sys.stderr)
             time.sleep(args.interval)
             continue
+        failing = ""
         if record is None:
             raise CliError(f"AdapterRollout {cluster.namespace}/{name} was deleted")
         if redraw or (record.spec, record.status) != shown:

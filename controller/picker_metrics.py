@@ -18,8 +18,8 @@ class PickerMetrics:
     def __init__(self, registry: CollectorRegistry, inventory: Inventory) -> None:
         self.requests = Counter(
             "loractl_picker_requests",
-            "Requests by model, target and result (routed, bad_request, unknown_model, starting, shed, "
-            "no_endpoint).",
+            "Requests by model, target and result (routed, bad_request, unknown_model, starting, "
+            "shed, no_endpoint).",
             ["model", "target", "result"],
             registry=registry,
         )

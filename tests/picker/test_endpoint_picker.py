@@ -16,7 +16,7 @@ from controller.stats import TrafficStats
 from tests.support.gateway import inference_model
 
 
-def picker(synced: bool, **settings: object) -> EndpointPicker:
+def picker(synced: bool, passthrough: bool = False) -> EndpointPicker:
     inventory = Inventory()
     inventory.set_endpoints([Endpoint("10.0.0.1:8000")])
     table, _ = ModelTable.from_objects([inference_model("m", {"v1": 100})])
@@ -25,8 +25,8 @@ def picker(synced: bool, **settings: object) -> EndpointPicker:
         load_profile(),
         lambda: table,
         lambda: synced,
-        PickerSettings(**settings),
-        TrafficStats(),  # type: ignore[arg-type]
+        PickerSettings(passthrough=passthrough),
+        TrafficStats(),
         PickerMetrics(CollectorRegistry(), inventory),
     )
 
