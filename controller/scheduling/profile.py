@@ -2,7 +2,7 @@
 
     filters: [ready, subset, adapter-registered]     # names, or {name: ..., <parameters>}
     scorers:                                         # weight 1 unless given, as upstream
-      - {name: lora-affinity, weight: 4}
+      - {name: lora-affinity, weight: 2}
       - {name: queue, weight: 2, scale: 2}           # parameters sit next to name/weight
       - {name: kv-cache, weight: 2}
     picker: {name: max-score, fallbacks: 2}
@@ -66,14 +66,17 @@ __all__ = [
 DEFAULT_PROFILE: Final = """\
 filters: [ready, subset, adapter-registered]
 scorers:
-  - {name: lora-affinity, weight: 4}
+  - {name: lora-affinity, weight: 2}
   - {name: queue, weight: 2}
   - {name: kv-cache, weight: 2}
 picker: {name: max-score, fallbacks: 2}
 saturation: {queue_threshold: 5, kv_threshold: 0.8}
 residency: {default_max_lora: 4, idle_seconds: 300}
 """
-"""Ours: LoRA affinity first, load second (see scorers.AFFINITY_SCORES for the balance)."""
+"""Ours: LoRA affinity balanced against load (see scorers.AFFINITY_SCORES). At weight 4 the
+affinity scorer out-weighed any queue once every pod's slots were full, so a popular
+adapter stayed on the few pods that grabbed it first and queued there (bench/RESULTS.md,
+routing quality); at 2 a queue moves it to another pod."""
 
 
 class ProfileError(ValueError):

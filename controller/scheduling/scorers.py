@@ -23,15 +23,16 @@ AFFINITY_SCORES: Final[Mapping[Affinity, float]] = {
     Affinity.COLD: 0.4,
     Affinity.MISSING: 0.0,
 }
-"""Why these values (with the default weights: affinity 4, queue 2, KV cache 2):
+"""Why these values (with the default weights: affinity 2, queue 2, KV cache 2):
 
-- HOT → WARM costs 0.2 (0.8 points): a free slot is filled from vLLM's CPU cache in
-  milliseconds, so a request should leave a hot pod as soon as it would queue behind
-  about two more waiting requests there (the queue scorer's default scale) or the pod's
-  KV cache is about 40 points fuller.
-- WARM → COLD costs 0.4 (1.6 points), twice as much: on a full pod the request evicts
+- HOT → WARM costs 0.2 (0.4 points): a free slot is filled from vLLM's CPU cache in
+  milliseconds, so a request leaves a hot pod as soon as it would queue there behind
+  one more waiting request than at a pod with a free slot.
+- WARM → COLD costs 0.4 (0.8 points), twice as much: on a full pod the request evicts
   another adapter that its users will pay to bring back, and when every slot is pinned
-  by running requests it waits until one adapter drains completely.
+  by running requests it waits until one adapter drains completely. HOT → COLD (1.2
+  points) is about two waiting requests: a popular adapter spreads to more pods as soon
+  as its pods queue, instead of queueing where it is hot.
 - COLD → MISSING costs the rest: a MISSING pod answers 404. The adapter-registered filter
   normally removes those; the value matters only when it had to keep them.
 """

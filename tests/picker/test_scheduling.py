@@ -219,7 +219,7 @@ def test_schedule_prefers_the_endpoint_holding_the_adapter() -> None:
     assert len(result.endpoints) == 3  # the best and two fallbacks
     assert result.affinity is Affinity.HOT
     assert set(result.scores) == set(addresses(result.endpoints))
-    assert result.scores[B] == {"lora-affinity": 1.0, "queue": 1.0, "kv-cache": 1.0, TOTAL: 8.0}
+    assert result.scores[B] == {"lora-affinity": 1.0, "queue": 1.0, "kv-cache": 1.0, TOTAL: 6.0}
 
 
 def test_schedule_remembers_its_assignment_so_the_adapter_stays_put() -> None:
@@ -312,7 +312,7 @@ def test_default_profile_builds_our_pipeline() -> None:
     pipeline = ours()
     assert [f.name for f in pipeline.filters] == ["ready", "subset", "adapter-registered"]
     assert [s.name for s in pipeline.scorers] == ["lora-affinity", "queue", "kv-cache"]
-    assert pipeline.weights == (4.0, 2.0, 2.0)
+    assert pipeline.weights == (2.0, 2.0, 2.0)
     assert isinstance(pipeline.picker, MaxScorePicker)
     assert pipeline.picker.fallbacks == 2
     assert pipeline.saturation == SaturationThresholds(queue_threshold=5, kv_threshold=0.8)
@@ -450,13 +450,22 @@ def test_upstream_forgets_an_idle_adapter_that_ours_remembers() -> None:
     assert not all(a == b for a, b in (first_two_choices(upstream(seed)) for seed in range(40)))
 
 
-def test_upstream_leaves_a_hot_pod_for_one_waiting_request_where_ours_stays() -> None:
-    views = [
-        make_view(A, observed=metrics(running=["a"], queue=1)),
-        make_view(B, observed=metrics(queue=0)),
-    ]
-    assert addresses(upstream().schedule(adapter_request(), views, 0.0).endpoints) == [B]
-    assert addresses(ours().schedule(adapter_request(), views, 0.0).endpoints)[0] == A
+def test_ours_leaves_a_queueing_hot_pod_for_a_free_slot_but_not_to_evict() -> None:
+    queueing_hot = make_view(A, observed=metrics(running=["a"], queue=1))
+    free_slot = make_view(B, observed=metrics(queue=0))
+    full = make_view(B, observed=metrics(running=["b", "c", "d", "e"], queue=0))
+    # One waiting request outweighs the small cost of filling a free slot...
+    assert (
+        addresses(ours().schedule(adapter_request(), [queueing_hot, free_slot], 0.0).endpoints)[0]
+        == B
+    )
+    # ...but not the eviction of another adapter that its users would pay to bring back.
+    assert (
+        addresses(ours().schedule(adapter_request(), [queueing_hot, full], 0.0).endpoints)[0] == A
+    )
+    assert addresses(
+        upstream().schedule(adapter_request(), [queueing_hot, free_slot], 0.0).endpoints
+    ) == [B]
 
 
 def test_upstream_routes_to_a_pod_without_the_adapter() -> None:
