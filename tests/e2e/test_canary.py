@@ -12,7 +12,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ import yaml
 from kmock import KubernetesEmulator, ResourceInfo
 from kubernetes.client import ApiClient, CoordinationV1Api, CoreV1Api, CustomObjectsApi
 
+from controller.extproc.envoy_config import PICKER_CLUSTER
 from loractl.processes import ChildProcess, free_port
 from simulator.adapter_files import write_adapter
 from tests.support.configmap_dir import write_configmap_dir
@@ -465,3 +466,62 @@ async def test_a_controller_killed_mid_rollout_resumes_at_the_right_step(
     steps = [h["step"] for h in status["history"] if h["reason"] == "StepStarted"]
     assert steps == [0, 1], f"no step repeated or skipped: {status['history']}"
     assert traffic.statuses()[200] > 0
+
+
+def _second_picker(address: str) -> Callable[[dict[str, Any]], None]:
+    """Both controllers' pickers behind the gateway, as two replicas behind one Service."""
+
+    def tweak(config: dict[str, Any]) -> None:
+        host, port = address.rsplit(":", 1)
+        for cluster in config["static_resources"]["clusters"]:
+            if cluster["name"] == PICKER_CLUSTER:
+                cluster["load_assignment"]["endpoints"].append(
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {"address": host, "port_value": int(port)}
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                )
+
+    return tweak
+
+
+@pytest.mark.asyncio
+async def test_two_controllers_only_the_lease_holder_writes(cluster: Cluster) -> None:
+    argv = list(cluster.controller_argv)
+    ports = {flag: free_port() for flag in ("--grpc-port", "--grpc-health-port", "--metrics-port")}
+    for flag, port in ports.items():
+        argv[argv.index(flag) + 1] = str(port)
+    env = {"KUBECONFIG": str(cluster.work / "kubeconfig"), "KUBERNETES_SERVICE_HOST": ""}
+    second = ChildProcess("controller-2", argv, cluster.work / "logs" / "controller-2.log", env=env)
+    await asyncio.to_thread(
+        _started, cluster.children, second, f"http://127.0.0.1:{ports['--metrics-port']}/healthz"
+    )
+    first_port = int(cluster.controller_argv[cluster.controller_argv.index("--grpc-port") + 1])
+    gateway = await asyncio.to_thread(
+        start_envoy,
+        cluster.children,
+        cluster.work,
+        first_port,
+        _second_picker(f"127.0.0.1:{ports['--grpc-port']}"),
+    )
+    cluster.envoy = gateway
+    with steady_traffic(cluster):
+        await cluster.start_rollout("contended")
+        done = await cluster.wait_phase("contended", {"Promoted", "Aborted", "Failed"})
+    assert done["status"]["phase"] == "Promoted", done["status"]
+    logs = [cluster.controller.log_path.read_text(), second.log_path.read_text()]
+    leaders = [i for i, text in enumerate(logs) if '"event": "leadership_acquired"' in text]
+    writers = [i for i, text in enumerate(logs) if '"event": "rollout_event"' in text]
+    assert len(leaders) == 1, "exactly one controller leads"
+    assert writers == leaders, "and only the leader wrote"
+    lease = await call(
+        CoordinationV1Api(cluster.api).read_namespaced_lease, "loractl-controller", NS
+    )
+    assert lease.spec.holder_identity
