@@ -8,6 +8,7 @@ in CPython than a call per endpoint. The pipeline multiplies by the profile's we
 from __future__ import annotations
 
 from collections.abc import Mapping
+from operator import attrgetter
 from typing import Final, cast
 
 from controller.inventory import EndpointView
@@ -89,13 +90,13 @@ def relative_load(loads: list[int | None], scale: float) -> list[float]:
     return [scale / (load - base) for load in exact]
 
 
-class QueueScorer:
-    """Fewer waiting requests is better: a waiting request means the pod is already full."""
+class _RelativeLoadScorer:
+    """Scores one load figure of vLLM's metrics with `relative_load`."""
 
-    name: Final = "queue"
     kind: Final = "scorer"
+    _figure: attrgetter[int]
 
-    def __init__(self, scale: float = QUEUE_SCALE) -> None:
+    def __init__(self, scale: float) -> None:
         if scale <= 0:
             raise ValueError("scale must be positive")
         self._scale = scale
@@ -103,27 +104,30 @@ class QueueScorer:
     def score(
         self, request: SchedulingRequest, views: list[EndpointView], now: float
     ) -> list[float]:
-        loads = [m.waiting if (m := view.metrics) is not None else None for view in views]
+        figure = self._figure
+        loads = [figure(m) if (m := view.metrics) is not None else None for view in views]
         return relative_load(loads, self._scale)
 
 
-class RunningRequestsScorer:
+class QueueScorer(_RelativeLoadScorer):
+    """Fewer waiting requests is better: a waiting request means the pod is already full."""
+
+    name: Final = "queue"
+    _figure = attrgetter("waiting")
+
+    def __init__(self, scale: float = QUEUE_SCALE) -> None:
+        super().__init__(scale)
+
+
+class RunningRequestsScorer(_RelativeLoadScorer):
     """Fewer running requests is better: a larger batch decodes each sequence more slowly,
     but mildly, hence a larger default scale than the queue's."""
 
     name: Final = "running-requests"
-    kind: Final = "scorer"
+    _figure = attrgetter("running")
 
     def __init__(self, scale: float = RUNNING_SCALE) -> None:
-        if scale <= 0:
-            raise ValueError("scale must be positive")
-        self._scale = scale
-
-    def score(
-        self, request: SchedulingRequest, views: list[EndpointView], now: float
-    ) -> list[float]:
-        loads = [m.running if (m := view.metrics) is not None else None for view in views]
-        return relative_load(loads, self._scale)
+        super().__init__(scale)
 
 
 class KvCacheScorer:
