@@ -130,8 +130,11 @@ class Reconciler:
         monitor = asyncio.create_task(self._monitor_vllm())
         try:
             while True:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that lands as the trigger fires, and the loop would never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._trigger.wait(), self.settings.resync_interval)
+                    async with asyncio.timeout(self.settings.resync_interval):
+                        await self._trigger.wait()
                 self._trigger.clear()
                 await self.reconcile_once()
         finally:

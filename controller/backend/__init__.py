@@ -1,6 +1,6 @@
 """Where the controller reads and writes rollouts, traffic splits, pools and adapter
-ConfigMaps: the interface and its data types (`base`), and the Kubernetes implementation
-(`kube`)."""
+ConfigMaps: the interface and its data types (`base`), the Kubernetes implementation
+(`kube`), and the local one over a directory of YAML files (`local`)."""
 
 from controller.backend.base import (
     ROLLOUT_API_VERSION,

@@ -1,9 +1,10 @@
 """The controller's view of the cluster: the few reads and writes a rollout performs.
 
 Two implementations share this interface: the Kubernetes API (`controller.backend.kube`)
-and, later, a directory of YAML files (local mode). Everything above the interface is the
-same code in both modes, so nothing here speaks HTTP: a resource version is an opaque
-string that changes whenever its object changes, and errors are the classes below.
+and a directory of YAML files (local mode, `controller.backend.local`). Everything above
+the interface is the same code in both modes, so nothing here speaks HTTP: a resource
+version is an opaque string that changes whenever its object changes, and errors are the
+classes below.
 
 Reads come from caches the backend keeps current: cheap, synchronous, possibly a moment
 behind the source. Writes are async, idempotent (nothing is written when nothing would

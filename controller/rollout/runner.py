@@ -98,8 +98,11 @@ class RolloutRunner:
 
     async def run(self, is_leader: Callable[[], bool]) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # lands as the trigger fires, and the loop would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._trigger.wait(), TICK_SECONDS)
+                async with asyncio.timeout(TICK_SECONDS):
+                    await self._trigger.wait()
             self._trigger.clear()
             if is_leader():
                 await self.reconcile_all()
