@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,10 +49,13 @@ CONTENT_EVENTS: list[type[FileSystemEvent]] = [
 
 
 class ConfigFileWatcher:
-    """Calls on_change() on the asyncio loop when the config file may have changed.
+    """Calls on_change() on the asyncio loop when the config file changed.
 
     A burst of events (one kubelet update makes several) gives one call, `debounce`
-    seconds after the last event. start() and stop() must be called on the loop's thread.
+    seconds after the last event; and only when the file the path resolves to is not
+    the one last reported (inode, modification time, size), because watchdog may hand
+    over a straggler of the same update half a second later. start() and stop() must
+    be called on the loop's thread.
     """
 
     def __init__(
@@ -63,7 +67,9 @@ class ConfigFileWatcher:
         *,
         retry_interval: float = 5.0,
     ) -> None:
+        self._path = config_path
         self._directory = config_path.parent
+        self._reported: tuple[int, int, int] | None = None
         self._on_change = on_change
         self._loop = loop
         self._debounce = debounce
@@ -76,6 +82,7 @@ class ConfigFileWatcher:
 
     def start(self) -> None:
         self._running = True
+        self._reported = self._identity()
         self._try_start(announce=False)
 
     def stop(self) -> None:
@@ -149,7 +156,19 @@ class ConfigFileWatcher:
 
     def _fire(self) -> None:
         self._pending = None
+        identity = self._identity()
+        if identity == self._reported:
+            return
+        self._reported = identity
         self._on_change()
+
+    def _identity(self) -> tuple[int, int, int] | None:
+        """What the path resolves to now (None: nothing); os.stat follows the symlinks."""
+        try:
+            stat = os.stat(self._path)
+        except OSError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
     def _directory_gone(self) -> None:
         """inotify stops watching a deleted directory; wait for a new one to appear."""
