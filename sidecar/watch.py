@@ -54,8 +54,9 @@ class ConfigFileWatcher:
     A burst of events (one kubelet update makes several) gives one call, `debounce`
     seconds after the last event; and only when the file the path resolves to is not
     the one last reported (inode, modification time, size), because watchdog may hand
-    over a straggler of the same update half a second later. start() and stop() must
-    be called on the loop's thread.
+    over a straggler of the same update half a second later. With `whole_directory`,
+    any change in the directory counts (for a directory of several files). start() and
+    stop() must be called on the loop's thread.
     """
 
     def __init__(
@@ -66,7 +67,9 @@ class ConfigFileWatcher:
         debounce: float = 0.05,
         *,
         retry_interval: float = 5.0,
+        whole_directory: bool = False,
     ) -> None:
+        self._whole_directory = whole_directory
         self._path = config_path
         self._directory = config_path.parent
         self._reported: tuple[int, int, int] | None = None
@@ -156,10 +159,11 @@ class ConfigFileWatcher:
 
     def _fire(self) -> None:
         self._pending = None
-        identity = self._identity()
-        if identity == self._reported:
-            return
-        self._reported = identity
+        if not self._whole_directory:
+            identity = self._identity()
+            if identity == self._reported:
+                return
+            self._reported = identity
         self._on_change()
 
     def _identity(self) -> tuple[int, int, int] | None:

@@ -145,7 +145,11 @@ class LocalBackend:
         self._stopped = False
         # Watch first, load second: a change in between is then reloaded, not missed.
         self._watcher = ConfigFileWatcher(
-            self.directory / EVENTS_FILE, self._reload, self._loop, self._debounce
+            self.directory / EVENTS_FILE,
+            self._reload,
+            self._loop,
+            self._debounce,
+            whole_directory=True,
         )
         self._watcher.start()
         self._reload(notify=False)

@@ -49,8 +49,12 @@ class Calls:
 
 
 @contextmanager
-def watching(config: Path, calls: Calls, **kwargs: float) -> Iterator[ConfigFileWatcher]:
-    watcher = ConfigFileWatcher(config, calls, asyncio.get_running_loop(), DEBOUNCE, **kwargs)
+def watching(
+    config: Path, calls: Calls, retry_interval: float = 5.0
+) -> Iterator[ConfigFileWatcher]:
+    watcher = ConfigFileWatcher(
+        config, calls, asyncio.get_running_loop(), DEBOUNCE, retry_interval=retry_interval
+    )
     watcher.start()
     try:
         yield watcher
