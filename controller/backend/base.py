@@ -17,17 +17,23 @@ adapter ConfigMap and the traffic split in exactly the same way.
 
 from __future__ import annotations
 
+import asyncio
 import copy
-from collections.abc import Callable, Collection, Mapping
+import random
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
+import structlog
 import yaml
 
 from controller.models import INFERENCE_MODEL, INFERENCE_MODEL_REWRITE, WeightedTarget
 from controller.rollout.spec import GROUP, KIND, PLURAL, VERSION
 from sidecar.config import ROOT_KEY, id_problem, parse_config
 from sidecar.sources import SourceError, parse_source
+
+log = structlog.get_logger("controller")
+T = TypeVar("T")
 
 # One definition of the API: the rollout models own it.
 ROLLOUT_GROUP = GROUP
@@ -366,3 +372,25 @@ def _matching_rule(rules: list[dict[str, Any]], model_name: str) -> int:
             if model.get("value") == model_name:
                 return index
     return -1
+
+
+# ---- optimistic concurrency, shared by every backend ----
+
+CONFLICT_ATTEMPTS = 5
+CONFLICT_BACKOFF = 0.05  # seconds before the second attempt; doubles, jittered ±50%
+
+
+async def retry_on_conflict(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Runs attempt (read, compute, conditional write) until no concurrent change refuses it
+    with StaleError; ConflictError after CONFLICT_ATTEMPTS tries."""
+    for number in range(1, CONFLICT_ATTEMPTS + 1):
+        try:
+            return await attempt()
+        except StaleError:
+            log.info("write_conflict", object=what, attempt=number, of=CONFLICT_ATTEMPTS)
+        if number < CONFLICT_ATTEMPTS:
+            await asyncio.sleep(CONFLICT_BACKOFF * 2 ** (number - 1) * random.uniform(0.5, 1.5))
+    raise ConflictError(
+        f"{what} was changed by another writer before each of {CONFLICT_ATTEMPTS} "
+        "attempts; gave up (it is retried on the next reconcile)"
+    )

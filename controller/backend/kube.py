@@ -33,7 +33,6 @@ import asyncio
 import copy
 import dataclasses
 import json
-import random
 import threading
 import time
 from collections import OrderedDict
@@ -56,7 +55,6 @@ from controller.backend.base import (
     ROLLOUT_VERSION,
     AlreadyExistsError,
     BackendError,
-    ConflictError,
     EventType,
     NotFoundError,
     ObjectRef,
@@ -64,6 +62,7 @@ from controller.backend.base import (
     StoredRollout,
     TrafficSplit,
     edit_adapter_config,
+    retry_on_conflict,
     reweighted_spec,
     traffic_split,
 )
@@ -75,8 +74,6 @@ from sidecar.config import ConfigError
 
 log = structlog.get_logger("controller")
 
-CONFLICT_ATTEMPTS = 5
-CONFLICT_BACKOFF = 0.05  # seconds before the second attempt; doubles, jittered ±50%
 EVENT_COMPONENT = "loractl-controller"
 EVENTS_REMEMBERED = 1024  # repeats are counted for this many distinct events
 POOL_APIS = (POOL_V1, POOL_V1ALPHA2)
@@ -393,17 +390,7 @@ class KubeBackend:
 
     async def _compare_and_swap(self, what: str, attempt: Callable[[], bool]) -> bool:
         """Runs attempt (read, compute, conditional write) until no conflict refuses it."""
-        for number in range(1, CONFLICT_ATTEMPTS + 1):
-            try:
-                return await self._call(what, attempt)
-            except StaleError:
-                log.info("write_conflict", object=what, attempt=number, of=CONFLICT_ATTEMPTS)
-            if number < CONFLICT_ATTEMPTS:
-                await asyncio.sleep(CONFLICT_BACKOFF * 2 ** (number - 1) * random.uniform(0.5, 1.5))
-        raise ConflictError(
-            f"{what} was changed by another writer before each of {CONFLICT_ATTEMPTS} "
-            "attempts; gave up (it is retried on the next reconcile)"
-        )
+        return await retry_on_conflict(what, lambda: self._call(what, attempt))
 
     def _create_event(
         self, involved: ObjectRef, event_type: EventType, reason: str, message: str, now: str

@@ -52,7 +52,6 @@ import fcntl
 import hashlib
 import json
 import os
-import random
 import re
 import tempfile
 import threading
@@ -70,7 +69,6 @@ from controller.backend.base import (
     ROLLOUT_KIND,
     AlreadyExistsError,
     BackendError,
-    ConflictError,
     EventType,
     NotFoundError,
     ObjectRef,
@@ -78,6 +76,7 @@ from controller.backend.base import (
     StoredRollout,
     TrafficSplit,
     edit_adapter_config,
+    retry_on_conflict,
     reweighted_spec,
     traffic_split,
 )
@@ -97,8 +96,6 @@ CONFIGMAP_KIND = "ConfigMap"
 KINDS = frozenset(
     {ROLLOUT_KIND, INFERENCE_MODEL, INFERENCE_MODEL_REWRITE, POOL_KIND, CONFIGMAP_KIND}
 )
-CONFLICT_ATTEMPTS = 5
-CONFLICT_BACKOFF = 0.05  # seconds before the second attempt; doubles, jittered ±50%
 # A DNS-1123 subdomain, as Kubernetes requires of names; it also makes a safe file name.
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 # A document marker at the start of a line. YAML forbids such a line inside any scalar, so
@@ -454,18 +451,12 @@ class LocalBackend:
         edit: Callable[[dict[str, Any], str], dict[str, Any] | None],
     ) -> bool:
         """Writes until no concurrent change refuses it; True when something was written."""
-        for number in range(1, CONFLICT_ATTEMPTS + 1):
-            try:
-                written, _ = await self._transaction(what, kind, name, edit)
-                return written
-            except StaleError:
-                log.info("write_conflict", object=what, attempt=number, of=CONFLICT_ATTEMPTS)
-            if number < CONFLICT_ATTEMPTS:
-                await asyncio.sleep(CONFLICT_BACKOFF * 2 ** (number - 1) * random.uniform(0.5, 1.5))
-        raise ConflictError(
-            f"{what} was changed by another writer before each of {CONFLICT_ATTEMPTS} "
-            "attempts; gave up (it is retried on the next reconcile)"
-        )
+
+        async def attempt() -> bool:
+            written, _ = await self._transaction(what, kind, name, edit)
+            return written
+
+        return await retry_on_conflict(what, attempt)
 
     async def _write(
         self,

@@ -18,7 +18,8 @@ import pytest_asyncio
 import yaml
 
 from controller.backend import ConflictError, StaleError
-from controller.backend.kube import CONFLICT_ATTEMPTS, KubeBackend
+from controller.backend.base import CONFLICT_ATTEMPTS
+from controller.backend.kube import KubeBackend
 from tests.controller.strict_api import StrictApi
 from tests.support.kube import use_kubeconfig
 
