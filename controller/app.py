@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import random
 import signal
+from collections.abc import Callable
 from typing import Protocol
 
 import structlog
@@ -13,12 +15,15 @@ from aiohttp import web
 from kubernetes.client import ApiClient
 from prometheus_client import CollectorRegistry
 
+from controller.backend.base import Backend
 from controller.backend.kube import KubeBackend
+from controller.backend.local import LocalBackend
 from controller.endpoints import InferencePoolEndpoints, StaticEndpoints
 from controller.extproc.server import serve_picker
 from controller.http_api import HttpState, build_app
 from controller.inventory import Endpoint, Inventory
 from controller.leader import LeaderElector, leader_identity
+from controller.local_sources import FileLockElector, LocalModels, LocalPoolEndpoints
 from controller.model_sources import ClusterModels, FileModels
 from controller.picker import EndpointPicker, PickerSettings
 from controller.picker_metrics import PickerMetrics
@@ -52,19 +57,25 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
 
     stats = TrafficStats()
     sources: list[Startable] = []
-    api = None if args.endpoints else kube_api_client()
-    if api is None:
+    api = None if args.endpoints or args.local else kube_api_client()
+    local = None if args.local is None else LocalBackend(args.local, args.namespace)
+    models: FileModels | ClusterModels | LocalModels
+    if local is not None:
+        sources.append(LocalPoolEndpoints(local, args.pool, endpoints_changed))
+        models = LocalModels(local, args.pool)
+        await local.start()  # the sources above hear of its first reading
+    elif api is None:
         sources.append(StaticEndpoints(args.endpoints.split(","), endpoints_changed))
+        models = FileModels(args.models, loop, pool=args.pool)
     else:
         sources.append(
             InferencePoolEndpoints(api, args.namespace, args.pool, loop, endpoints_changed)
         )
-    models: FileModels | ClusterModels
-    if args.models is not None:
-        models = FileModels(args.models, loop, pool=args.pool)
-    else:
-        assert api is not None, "the CLI requires --models with --endpoints"
-        models = ClusterModels(api, args.namespace, args.pool, loop)
+        models = (
+            FileModels(args.models, loop, pool=args.pool)
+            if args.models is not None
+            else ClusterModels(api, args.namespace, args.pool, loop)
+        )
     sources.append(models)
     scraper = Scraper(
         inventory,
@@ -109,14 +120,15 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
         metrics_port=args.metrics_port,
         endpoints=args.endpoints,
         pool=args.pool,
+        local=None if args.local is None else str(args.local),
     )
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     scraping = asyncio.create_task(scraper.run())
     rollouts = None
-    if api is not None and not args.picker_only:
-        rollouts = Rollouts(api, args, inventory, stats, registry)
+    if not args.picker_only and (api is not None or local is not None):
+        rollouts = Rollouts.for_args(args, api, local, inventory, stats, registry)
         rollouts.start()
     await stop.wait()
     log.info("stopping")
@@ -128,47 +140,78 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
     await asyncio.gather(scraping, return_exceptions=True)
     for source in sources:
         await asyncio.to_thread(source.stop)  # watch threads may take a moment to let go
+    if local is not None:
+        await local.stop()
     await runner.cleanup()
 
 
-class Rollouts:
-    """The rollout controller: the backend's caches, leader election and the runner.
+class Elector(Protocol):
+    @property
+    def is_leader(self) -> bool: ...
+    async def run(self) -> None: ...
+    async def stop(self) -> None: ...
 
-    Every replica watches; only the Lease holder writes. Without leader election (one
+
+class Rollouts:
+    """The rollout controller: a backend, leader election and the runner.
+
+    Every replica watches; only the leader writes: the Lease holder in a cluster, the
+    holder of the directory's lock file in local mode. Without leader election (one
     replica, or development) this replica always leads.
     """
 
     def __init__(
         self,
-        api: ApiClient,
-        args: argparse.Namespace,
+        backend: Backend,
         inventory: Inventory,
         stats: TrafficStats,
         registry: CollectorRegistry,
+        elector: Callable[[Callable[[], None]], Elector] | None,
+        *,
+        owns_backend: bool,
     ) -> None:
-        self.backend = KubeBackend(api, args.namespace)
-        self.runner = RolloutRunner(
-            self.backend, inventory, stats, RolloutMetrics(registry, self.backend)
-        )
-        self.elector = (
-            None
-            if args.no_leader_election
-            else LeaderElector(
+        self.backend = backend
+        self.runner = RolloutRunner(backend, inventory, stats, RolloutMetrics(registry, backend))
+        self.elector = None if elector is None else elector(self._leading)
+        self._owns_backend = owns_backend
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    def for_args(
+        cls,
+        args: argparse.Namespace,
+        api: ApiClient | None,
+        local: LocalBackend | None,
+        inventory: Inventory,
+        stats: TrafficStats,
+        registry: CollectorRegistry,
+    ) -> Rollouts:
+        """With `local`, over its directory (started and stopped by the caller, who shares
+        it with the endpoint and model sources); else over the cluster through `api`."""
+        elector: Callable[[Callable[[], None]], Elector] | None = None
+        if local is not None:
+            if not args.no_leader_election:
+                elector = functools.partial(FileLockElector, local.directory)
+            return cls(local, inventory, stats, registry, elector, owns_backend=False)
+        assert api is not None
+        if not args.no_leader_election:
+            elector = functools.partial(
+                LeaderElector,
                 api,
                 args.namespace,
                 args.lease_name,
                 leader_identity(),
-                on_start_leading=self._leading,
                 on_stop_leading=lambda: log.warning("leadership_lost", lease=args.lease_name),
             )
-        )
-        self._tasks: list[asyncio.Task[None]] = []
+        backend = KubeBackend(api, args.namespace)
+        return cls(backend, inventory, stats, registry, elector, owns_backend=True)
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._run()))
 
     async def _run(self) -> None:
-        await self.backend.start()
+        if self._owns_backend:
+            await self.backend.start()
         log.info("rollouts_watching", rollouts=len(self.backend.rollouts()))
         elector = self.elector
         if elector is None:
@@ -186,5 +229,6 @@ class Rollouts:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.elector is not None:
-            await self.elector.stop()  # releases the Lease: a successor takes over at once
-        await self.backend.stop()
+            await self.elector.stop()  # releases leadership: a successor takes over at once
+        if self._owns_backend:
+            await self.backend.stop()

@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
+    from controller.backend.kube import KubeBackend
     from controller.endpoints import PoolSpec
+    from controller.local_cluster import LocalCluster
     from controller.rollout.spec import GateEvaluation, RolloutStatus
     from sidecar.config import DesiredState
 
@@ -1071,6 +1073,13 @@ def register(subparsers: Subparsers) -> None:
         help="kubeconfig file (default: in a pod its service account, else env KUBECONFIG, "
         "else ~/.kube/config)",
     )
+    where.add_argument(
+        "--local",
+        type=Path,
+        metavar="DIR",
+        help="local mode: the object YAMLs in DIR (as `loractl controller --local DIR` "
+        "serves them) instead of a cluster",
+    )
     _register_canary(subparsers, common)
     _register_adapters(subparsers, common)
 
@@ -1312,6 +1321,16 @@ class Cluster:
         obj = self.object(ROLLOUTS, name)
         return None if obj is None else RolloutRecord.from_object(obj)
 
+    @property
+    def flags(self) -> str:
+        """How a command line names this place."""
+        return f"-n {self.namespace}"
+
+    def backend(self) -> KubeBackend:
+        from controller.backend.kube import KubeBackend
+
+        return KubeBackend(self.client, self.namespace)
+
     def _request(
         self, verb: str, resource: Resource, call: Callable[[], Any], absent_ok: bool
     ) -> dict[str, Any] | None:
@@ -1368,6 +1387,10 @@ class Cluster:
         return CliError(f"{problem}{f': {said}' if said else ''}; {fix}", EXIT_API)
 
 
+# Where a command reads and writes: a cluster's namespace, or a local directory.
+Store: TypeAlias = "Cluster | LocalCluster"
+
+
 def _server_message(error: Any) -> str:
     try:
         return str(json.loads(error.body).get("message") or "")
@@ -1394,7 +1417,13 @@ def default_namespace(kubeconfig: str | None) -> str:
     return str((active.get("context") or {}).get("namespace") or "default")
 
 
-def connect(args: argparse.Namespace) -> Cluster:
+def connect(args: argparse.Namespace) -> Store:
+    if args.local is not None:
+        from controller.local_cluster import LocalCluster
+
+        if args.kubeconfig is not None:
+            raise CliError("--local and --kubeconfig are alternatives: give one")
+        return LocalCluster(args.local, args.namespace or "default")
     from loractl.kube import KubeConfigError, kube_api_client
 
     try:
@@ -1448,15 +1477,12 @@ def _print_problems(prog: str, problems: Sequence[str], code: int) -> None:
         print(f"  - {problem}", file=sys.stderr)
 
 
-def _write(
-    cluster: Cluster, verb: str, coroutine: Callable[[Any], Coroutine[Any, Any, Any]]
-) -> Any:
-    """Runs a KubeBackend write; its errors as CliErrors."""
+def _write(cluster: Store, verb: str, coroutine: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+    """Runs a backend write; its errors as CliErrors."""
     from controller.backend.base import AlreadyExistsError, BackendError, NotFoundError
-    from controller.backend.kube import KubeBackend
 
     async def write() -> Any:
-        return await coroutine(KubeBackend(cluster.client, cluster.namespace))
+        return await coroutine(cluster.backend())
 
     try:
         return asyncio.run(write())
@@ -1499,12 +1525,12 @@ def run_start(args: argparse.Namespace) -> int:
     print(describe_created(manifest))
     name = manifest["metadata"]["name"]
     if not args.watch:
-        print(f"follow it with: loractl canary status {flags.model} -n {cluster.namespace} --watch")
+        print(f"follow it with: loractl canary status {flags.model} {cluster.flags} --watch")
         return EXIT_OK
     return watch(cluster, name, args, sys.stdout)
 
 
-def snapshot(cluster: Cluster) -> ClusterSnapshot:
+def snapshot(cluster: Store) -> ClusterSnapshot:
     models = cluster.objects(INFERENCE_MODELS, optional=True)
     models += cluster.objects(MODEL_REWRITES, optional=True)
     pools = {_object_name(obj) for api in POOLS for obj in cluster.objects(api, optional=True)}
@@ -1524,7 +1550,7 @@ def _check_interval(args: argparse.Namespace) -> None:
         raise CliError(f"--interval {args.interval}: give a number of seconds above 0, e.g. 2")
 
 
-def _find(cluster: Cluster, model: str) -> tuple[RolloutRecord, list[RolloutRecord]]:
+def _find(cluster: Store, model: str) -> tuple[RolloutRecord, list[RolloutRecord]]:
     """The model's rollout (see select_rollout), and its others."""
     records = cluster.rollouts()
     chosen = select_rollout(records, model)
@@ -1549,7 +1575,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def watch(
-    cluster: Cluster,
+    cluster: Store,
     name: str,
     args: argparse.Namespace,
     out: TextIO,
@@ -1624,7 +1650,7 @@ def run_adapters(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _pool_spec(cluster: Cluster, name: str) -> PoolSpec:
+def _pool_spec(cluster: Store, name: str) -> PoolSpec:
     from controller.endpoints import POOL_V1, POOL_V1ALPHA2, pool_spec
 
     for resource, api in zip(POOLS, (POOL_V1, POOL_V1ALPHA2), strict=True):

@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import structlog
 
@@ -23,10 +25,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "the Envoy ext_proc endpoint picker that routes each request to the pod where its "
         "adapter is hot.",
     )
-    where = parser.add_argument_group("endpoints and models")
-    source = where.add_mutually_exclusive_group(required=True)
-    source.add_argument("--endpoints", help="static endpoint list: ip:port,ip:port,...")
-    source.add_argument("--pool", help="InferencePool name: its ready pods are the endpoints")
+    where = parser.add_argument_group(
+        "endpoints and models (one of --pool, --endpoints with --models, or --local)"
+    )
+    where.add_argument("--endpoints", help="static endpoint list: ip:port,ip:port,...")
+    where.add_argument(
+        "--pool",
+        help="InferencePool name: its ready pods are the endpoints; with --local, the pool "
+        "file's loractl.io/endpoints annotation (default: the directory's only pool)",
+    )
+    where.add_argument(
+        "--local",
+        type=Path,
+        metavar="DIR",
+        help="local mode: read pools, InferenceModels, adapter ConfigMaps and rollouts from "
+        "the object YAMLs in DIR instead of a cluster, and write rollout state back to them",
+    )
     where.add_argument(
         "--namespace",
         default=os.environ.get("POD_NAMESPACE", "default"),
@@ -46,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="a target served by the base model itself (repeatable)",
     )
     picker = parser.add_argument_group("picker")
-    rollouts = parser.add_argument_group("rollouts (with --pool)")
+    rollouts = parser.add_argument_group("rollouts (with --pool or --local)")
     rollouts.add_argument(
         "--picker-only",
         action="store_true",
@@ -56,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rollouts.add_argument(
         "--lease-name",
         default="loractl-controller",
-        help="coordination.k8s.io Lease for leader election: only its holder writes",
+        help="coordination.k8s.io Lease for leader election: only its holder writes (in "
+        "local mode the leader holds a lock file in DIR instead)",
     )
     rollouts.add_argument(
         "--no-leader-election",
@@ -120,15 +135,48 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(run=run)
 
 
+def check_sources(args: argparse.Namespace) -> None:
+    """Exactly one place to learn endpoints from; in local mode, the pool named or implied."""
+
+    def fail(message: str) -> NoReturn:
+        raise SystemExit(f"loractl controller: error: {message}")
+
+    if args.local is not None:
+        if args.endpoints or args.models:
+            fail("--local reads endpoints and models from DIR; drop --endpoints/--models")
+        if not args.local.is_dir():
+            fail(f"--local {args.local}: no such directory")
+        if args.pool is None:
+            args.pool = only_local_pool(args.local, args.namespace, fail)
+    elif args.endpoints and args.pool:
+        fail("--endpoints and --pool are alternatives: give one")
+    elif args.endpoints and args.models is None:
+        fail(
+            "--endpoints needs --models (a file of InferenceModel documents); only --pool "
+            "can read them from the cluster"
+        )
+    elif not args.endpoints and not args.pool:
+        fail("say where the endpoints are: --pool NAME, --endpoints with --models, or --local DIR")
+
+
+def only_local_pool(directory: Path, namespace: str, fail: Callable[[str], NoReturn]) -> str:
+    from controller.backend.local import POOL_KIND
+    from loractl.objectdir import ObjectDirectory
+
+    objects = ObjectDirectory(directory, namespace, {POOL_KIND})
+    objects.reload()
+    pools = [located.obj["metadata"]["name"] for located in objects.of_kind(POOL_KIND)]
+    if len(pools) != 1:
+        found = ", ".join(pools) if pools else "none"
+        fail(f"--local {directory}: name the pool with --pool (InferencePools found: {found})")
+    return str(pools[0])
+
+
 def run(args: argparse.Namespace) -> int:
     logs.configure(args.log_level)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("loractl controller: error: --tls-cert and --tls-key go together")
-    if args.endpoints and args.models is None:
-        raise SystemExit(
-            "loractl controller: error: --endpoints needs --models (a file of InferenceModel "
-            "documents); only --pool can read them from the cluster"
-        )
+    check_sources(args)
     for path in (args.models, args.profile, args.tls_cert, args.tls_key):
         if path is not None and not path.is_file():
             raise SystemExit(f"loractl controller: error: {path}: no such file")

@@ -11,7 +11,9 @@ Endpoints go out through `on_change` on the event loop, and only when they chang
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +50,31 @@ def parse_address(text: str) -> str:
     if not 0 < number < 65536:
         raise ValueError(f"port out of range in endpoint {text!r}")
     return join_host_port(str(ip), number)
+
+
+def parse_endpoint_list(text: str) -> tuple[list[Endpoint], list[str]]:
+    """Endpoints from "ip:port [sidecar=PORT]" entries separated by commas or new lines,
+    and a message for every entry that is not one."""
+    endpoints: list[Endpoint] = []
+    errors: list[str] = []
+    for entry in filter(None, (e.strip() for e in re.split(r"[,\n]", text))):
+        address, *options = entry.split()
+        try:
+            endpoint = Endpoint(parse_address(address))
+            for option in options:
+                key, _, value = option.partition("=")
+                if key != "sidecar" or not value.isdigit() or not 0 < int(value) < 65536:
+                    raise ValueError(
+                        f"{option!r} in endpoint {entry!r}: the only option is sidecar=PORT"
+                    )
+                # host is already bracketed when it is IPv6
+                sidecar = f"http://{endpoint.host}:{int(value)}"
+                endpoint = dataclasses.replace(endpoint, sidecar_url=sidecar)
+        except ValueError as error:
+            errors.append(str(error))
+            continue
+        endpoints.append(endpoint)
+    return endpoints, errors
 
 
 class StaticEndpoints:

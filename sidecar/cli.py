@@ -15,6 +15,7 @@ from aiohttp import web
 
 from loractl import logs
 from sidecar.fetch import AdapterFetcher
+from sidecar.local import LocalConfigMapWatcher
 from sidecar.reconciler import Reconciler, ReconcilerSettings
 from sidecar.server import build_app
 from sidecar.watch import ConfigFileWatcher
@@ -116,6 +117,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "second instead of waiting for the kubelet (needs list/watch on it)",
     )
     parser.add_argument(
+        "--local",
+        type=Path,
+        metavar="DIR",
+        help="local mode: --watch-configmap reads the ConfigMap from the object YAMLs in DIR "
+        "(as `loractl controller --local DIR` edits them) instead of the Kubernetes API",
+    )
+    parser.add_argument(
         "--annotate-pod",
         action="store_true",
         help="write an adapter summary to this Pod's loractl.io/adapters annotation "
@@ -153,6 +161,15 @@ def run(args: argparse.Namespace) -> int:
             f"loractl sidecar: error: --watch-configmap {args.watch_configmap!r}: "
             "expected NAMESPACE/NAME"
         )
+    if args.local is not None and not args.watch_configmap:
+        raise SystemExit(
+            "loractl sidecar: error: --local DIR needs --watch-configmap NAMESPACE/NAME: "
+            "the ConfigMap in DIR to follow"
+        )
+    if args.local is not None and not args.local.is_dir():
+        raise SystemExit(f"loractl sidecar: error: --local {args.local}: no such directory")
+    if args.local is not None and args.annotate_pod:
+        raise SystemExit("loractl sidecar: error: --annotate-pod needs a cluster, not --local")
     if args.annotate_pod and not (os.environ.get("POD_NAME") and os.environ.get("POD_NAMESPACE")):
         raise SystemExit(
             "loractl sidecar: error: --annotate-pod needs env POD_NAME and POD_NAMESPACE "
@@ -177,7 +194,20 @@ async def serve(args: argparse.Namespace) -> None:
     watchers: list[Watcher] = [
         ConfigFileWatcher(settings.config_path, reconciler.trigger, loop, args.debounce)
     ]
-    if args.watch_configmap or args.annotate_pod:
+    if args.local is not None:
+        namespace, name = args.watch_configmap.split("/")
+        watchers.append(
+            LocalConfigMapWatcher(
+                args.local,
+                namespace,
+                name,
+                settings.config_path.name,
+                lambda text: reconciler.accept_config_text(text, "local"),
+                loop,
+                args.debounce,
+            )
+        )
+    elif args.watch_configmap or args.annotate_pod:
         # Imported here: the Kubernetes client costs start-up time and memory nobody else pays.
         from loractl.kube import kube_api_client
         from sidecar.kube import ConfigMapWatcher, PodAnnotator

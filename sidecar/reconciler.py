@@ -86,8 +86,10 @@ class Reconciler:
 
     def accept_config_text(self, text: str | None, origin: str) -> None:
         """Take a config document; a rejected one leaves the last good desired state in force."""
-        if origin == "api":
-            self._api_owns_config = True  # from now on the API is ahead of the kubelet's file
+        if origin != "file":
+            # The API (or the local directory standing in for it) is ahead of the kubelet's
+            # file: from now on the file is not read.
+            self._api_owns_config = True
         self.config_origin = origin
         if text is None:
             self._reject(f"the {origin} config is gone (ConfigMap or key deleted)", None)

@@ -11,10 +11,12 @@ same code as with Kubernetes, and the document edits are the same pure functions
 File conventions:
 
 - Endpoints: there are no Pods to select, so an InferencePool lists its serving addresses
-  in the annotation `loractl.io/endpoints`, "ip:port" entries separated by commas or white
-  space, e.g. `loractl.io/endpoints: "127.0.0.2:8000, 127.0.0.3:8000"`. An annotation
-  rather than a spec field, so the same file still validates against the pool's CRD.
-  `pool_endpoints(name)` reads it; `pool(name)` only asks whether the pool exists.
+  in the annotation `loractl.io/endpoints`: entries separated by commas or new lines, each
+  "ip:port" optionally followed by "sidecar=PORT" (the sidecar on the same address), e.g.
+  `loractl.io/endpoints: "127.0.0.1:8001 sidecar=9001, 127.0.0.1:8002 sidecar=9002"`. An
+  annotation rather than a spec field, so the same file still validates against the
+  pool's CRD. `pool_endpoints(name)` reads it; `pool(name)` only asks whether the pool
+  exists.
 - resourceVersion: the first 16 hex digits of a SHA-256 over the object's canonical JSON,
   leaving out metadata.resourceVersion. It is computed, never stored, so any change at
   all, a hand edit included, gives a new version and a conditional write made against the
@@ -49,14 +51,12 @@ import asyncio
 import contextlib
 import copy
 import fcntl
-import hashlib
 import json
 import os
 import re
 import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -80,8 +80,17 @@ from controller.backend.base import (
     reweighted_spec,
     traffic_split,
 )
-from controller.endpoints import parse_address
+from controller.endpoints import parse_endpoint_list
+from controller.inventory import Endpoint
 from controller.models import INFERENCE_MODEL, INFERENCE_MODEL_REWRITE
+from loractl.objectdir import (
+    DOCUMENT_START,
+    Located,
+    ObjectDirectory,
+    locate,
+    resource_version,
+    split_documents,
+)
 from sidecar.config import ConfigError
 from sidecar.watch import ConfigFileWatcher
 
@@ -98,22 +107,8 @@ KINDS = frozenset(
 )
 # A DNS-1123 subdomain, as Kubernetes requires of names; it also makes a safe file name.
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
-# A document marker at the start of a line. YAML forbids such a line inside any scalar, so
-# splitting on it finds the documents exactly, and each one's text can be kept as it was.
-_DOCUMENT_START = re.compile(r"^---(?=[ \t\r\n]|$)", re.MULTILINE)
 
 T = TypeVar("T")
-Key = tuple[str, str]  # kind, name
-
-
-@dataclass(frozen=True)
-class _Located:
-    """An object as cached: where it is, and its content with metadata.resourceVersion set
-    to its computed version (so that `traffic_split` reports that version)."""
-
-    path: Path
-    obj: dict[str, Any]
-    version: str
 
 
 class LocalBackend:
@@ -129,10 +124,7 @@ class LocalBackend:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watcher: ConfigFileWatcher | None = None
         self._stopped = False
-        self._files: dict[Path, list[dict[str, Any]]] = {}  # last good objects of each file
-        self._objects: dict[Key, _Located] = {}
-        self._reported: dict[Path, str] = {}  # the problem last logged for a file
-        self._duplicates: set[Key] = set()
+        self._index = ObjectDirectory(directory, namespace, KINDS)
         self._write_lock = threading.Lock()  # our own writes, one at a time
 
     # ---- watching ----
@@ -169,92 +161,25 @@ class LocalBackend:
             callback()
 
     def _reload(self, notify: bool = True) -> None:
-        """On the loop: re-reads every file (they are small) and rebuilds the index."""
-        files: dict[Path, list[dict[str, Any]]] = {}
-        for path in self._yaml_files():
-            try:
-                text = path.read_text(encoding="utf-8")
-                files[path] = [obj for _, obj in _documents(text) if obj is not None]
-            except FileNotFoundError:
-                continue  # deleted since it was listed
-            except (OSError, ValueError, yaml.YAMLError) as error:
-                self._report(path, error)
-                if path in self._files:
-                    files[path] = self._files[path]
-                continue
-            if self._reported.pop(path, None) is not None:
-                log.info("local_file_fixed", file=path.name)
-        objects = self._index(files)
-        changed = objects != self._objects
-        self._files, self._objects = files, objects
-        if changed and notify and self._loop is not None:
+        """On the loop: re-reads every file and rebuilds the index."""
+        if self._index.reload() and notify and self._loop is not None:
             self._loop.call_soon(self._notify)
-
-    def _yaml_files(self) -> list[Path]:
-        try:
-            entries = sorted(self.directory.iterdir())
-        except OSError as error:
-            log.warning("local_directory_unreadable", directory=str(self.directory),
-                        error=f"{type(error).__name__}: {error}")  # fmt: skip
-            return list(self._files)  # keep what we had
-        return [
-            path
-            for path in entries
-            if path.suffix in (".yaml", ".yml") and not path.name.startswith(".")
-        ]
-
-    def _report(self, path: Path, error: Exception) -> None:
-        problem = f"{type(error).__name__}: {error}"
-        if self._reported.get(path) != problem:  # once per problem, not once per reload
-            self._reported[path] = problem
-            log.warning("local_file_invalid", file=path.name, error=problem,
-                        kept_objects=len(self._files.get(path, [])))  # fmt: skip
-
-    def _index(self, files: Mapping[Path, list[dict[str, Any]]]) -> dict[Key, _Located]:
-        objects: dict[Key, _Located] = {}
-        for path, documents in sorted(files.items()):
-            for obj in documents:
-                key = self._key(obj)
-                if key is None:
-                    continue
-                if key in objects:
-                    if key not in self._duplicates:
-                        self._duplicates.add(key)
-                        log.warning("local_object_duplicate", kind=key[0], name=key[1],
-                                    used=objects[key].path.name, ignored=path.name)  # fmt: skip
-                    continue
-                version = _version(obj)
-                metadata = {**(obj.get("metadata") or {}), "resourceVersion": version}
-                objects[key] = _Located(path, {**obj, "metadata": metadata}, version)
-        return objects
-
-    def _key(self, obj: Mapping[str, Any]) -> Key | None:
-        """kind and name when obj is one of ours, in our namespace."""
-        metadata = obj.get("metadata")
-        kind = obj.get("kind")
-        if kind not in KINDS or not isinstance(metadata, dict):
-            return None
-        name = metadata.get("name")
-        namespace = metadata.get("namespace")
-        if not isinstance(name, str) or namespace not in (None, "", self.namespace):
-            return None
-        return str(kind), name
 
     # ---- reads, from the cache ----
 
     def rollouts(self) -> list[StoredRollout]:
         return [
             self._stored(located)
-            for (kind, _), located in sorted(self._objects.items())
+            for (kind, _), located in sorted(self._index.objects.items())
             if kind == ROLLOUT_KIND
         ]
 
     def rollout(self, name: str) -> StoredRollout | None:
-        located = self._objects.get((ROLLOUT_KIND, name))
+        located = self._index.objects.get((ROLLOUT_KIND, name))
         return None if located is None else self._stored(located)
 
     def inference_model(self, model_name: str, pool: str | None = None) -> TrafficSplit | None:
-        objects = self._objects
+        objects = self._index.objects
         for wanted in (INFERENCE_MODEL, INFERENCE_MODEL_REWRITE):
             for (kind, _), located in sorted(objects.items()):
                 if kind != wanted:
@@ -265,34 +190,38 @@ class LocalBackend:
         return None
 
     def pool(self, name: str) -> bool:
-        return (POOL_KIND, name) in self._objects
+        return (POOL_KIND, name) in self._index.objects
 
-    def pool_endpoints(self, name: str) -> list[str] | None:
-        """The pool's `loractl.io/endpoints` addresses, canonical; None without the pool.
-        Entries that are not ip:port are logged and left out."""
-        located = self._objects.get((POOL_KIND, name))
+    def pool_endpoints(self, name: str) -> list[Endpoint] | None:
+        """The pool's `loractl.io/endpoints` entries; None without the pool. Entries that
+        cannot be read are logged and left out."""
+        located = self._index.get(POOL_KIND, name)
         if located is None:
             return None
         annotations = located.obj["metadata"].get("annotations") or {}
-        addresses = []
-        for entry in re.split(r"[,\s]+", str(annotations.get(ENDPOINTS_ANNOTATION) or "")):
-            if not entry:
-                continue
-            try:
-                addresses.append(parse_address(entry))
-            except ValueError as error:
-                log.warning("local_endpoint_invalid", pool=name, error=str(error))
-        return addresses
+        endpoints, errors = parse_endpoint_list(str(annotations.get(ENDPOINTS_ANNOTATION) or ""))
+        for error in errors:
+            log.warning("local_endpoint_invalid", pool=name, error=error)
+        return endpoints
+
+    def model_objects(self) -> list[dict[str, Any]]:
+        """Every InferenceModel and InferenceModelRewrite, as the picker's model table reads
+        them."""
+        return [
+            copy.deepcopy(located.obj)
+            for kind in (INFERENCE_MODEL, INFERENCE_MODEL_REWRITE)
+            for located in self._index.of_kind(kind)
+        ]
 
     def configmap(self, name: str) -> dict[str, str] | None:
-        located = self._objects.get((CONFIGMAP_KIND, name))
+        located = self._index.objects.get((CONFIGMAP_KIND, name))
         if located is None:
             return None
         data = located.obj.get("data") or {}
         # The API server allows only strings here; so do we, rather than guess a rendering.
         return {str(key): value for key, value in data.items() if isinstance(value, str)}
 
-    def _stored(self, located: _Located) -> StoredRollout:
+    def _stored(self, located: Located) -> StoredRollout:
         obj = copy.deepcopy(located.obj)  # a caller that edits the dicts must not edit the cache
         metadata = obj["metadata"]
         ref = ObjectRef(ROLLOUT_API_VERSION, ROLLOUT_KIND, self.namespace, str(metadata["name"]))
@@ -408,7 +337,7 @@ class LocalBackend:
 
         await self._thread(what, create)
         self._reload()
-        return self._stored(_Located(path, body, _version(body)))
+        return self._stored(locate(path, body))
 
     async def emit_event(
         self, involved: ObjectRef, event_type: EventType, reason: str, message: str
@@ -485,13 +414,13 @@ class LocalBackend:
                     raise NotFoundError(f"{what} not found in {self.directory}")
                 path, text, chunks, index = found
                 obj = _parse_chunk(chunks[index])
-                version = _version(obj)
+                version = resource_version(obj)
                 edited = edit(copy.deepcopy(obj), version)
                 if edited is None:
                     return False, version
                 chunks[index] = _replace_chunk(chunks[index], edited)
                 _write_file(path, "".join(chunks), expected=text)
-                return True, _version(edited)
+                return True, resource_version(edited)
 
         result = await self._thread(what, transact)
         if result[0]:
@@ -513,14 +442,14 @@ class LocalBackend:
     def _find(self, kind: str, name: str) -> tuple[Path, str, list[str], int] | None:
         """The object's file, read now: path, text, document chunks, the object's chunk.
         The cached place is tried first; the object may have moved, so then every file."""
-        cached = self._objects.get((kind, name))
-        candidates = self._yaml_files()
+        cached = self._index.objects.get((kind, name))
+        candidates = self._index.yaml_files()
         if cached is not None:
             candidates = [cached.path, *(p for p in candidates if p != cached.path)]
         for path in candidates:
             try:
                 text = path.read_text(encoding="utf-8")
-                documents = _documents(text)
+                documents = split_documents(text)
             except FileNotFoundError:
                 continue
             except (ValueError, yaml.YAMLError) as error:
@@ -530,21 +459,12 @@ class LocalBackend:
                     ) from error
                 continue
             for index, (_, obj) in enumerate(documents):
-                if obj is not None and self._key(obj) == (kind, name):
+                if obj is not None and self._index.key(obj) == (kind, name):
                     return path, text, [chunk for chunk, _ in documents], index
         return None
 
 
 # ---- files ----
-
-
-def _documents(text: str) -> list[tuple[str, dict[str, Any] | None]]:
-    """Each document's text, and its content when that is a mapping (else None). Raises
-    yaml.YAMLError when any document does not parse."""
-    starts = [0, *(m.start() for m in _DOCUMENT_START.finditer(text) if m.start() > 0)]
-    chunks = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
-    parsed = [(chunk, yaml.safe_load(chunk)) for chunk in chunks]
-    return [(chunk, obj if isinstance(obj, dict) else None) for chunk, obj in parsed]
 
 
 def _parse_chunk(chunk: str) -> dict[str, Any]:
@@ -574,7 +494,7 @@ def _replace_chunk(chunk: str, obj: Mapping[str, Any]) -> str:
     """The document's new text: its `---` marker and leading comments kept, the rest
     re-serialised."""
     marker, body = "", chunk
-    if _DOCUMENT_START.match(chunk):
+    if DOCUMENT_START.match(chunk):
         marker, _, body = chunk.partition("\n")
         marker = "---\n"  # whatever followed the marker on its line is in the new content
     lines = body.splitlines(keepends=True)
@@ -625,14 +545,6 @@ def _fsync_directory(directory: Path) -> None:
 
 
 # ---- helpers ----
-
-
-def _version(obj: Mapping[str, Any]) -> str:
-    content = copy.deepcopy(dict(obj))
-    (content.get("metadata") or {}).pop("resourceVersion", None)
-    # default=str: YAML reads unquoted timestamps as datetimes, which JSON has no form for.
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def _generation(metadata: Mapping[str, Any]) -> int:

@@ -244,7 +244,7 @@ async def test_the_cache_fills_from_every_file_and_document(
     assert [backend.pool(p) for p in (POOL, "pool-b", "elsewhere", "absent")] == [
         True, True, False, False,
     ]  # fmt: skip
-    assert backend.pool_endpoints(POOL) == [ENDPOINT, "127.0.0.3:8000"]
+    assert backend.pool_endpoints(POOL) == [Endpoint(ENDPOINT), Endpoint("127.0.0.3:8000")]
     assert backend.pool_endpoints("pool-b") == []
     assert backend.pool_endpoints("absent") is None
     assert backend.configmap("adapters") == {KEY: DOCUMENT, "other.txt": "keep me"}
@@ -579,9 +579,10 @@ async def controller(directory: Path) -> AsyncIterator[LocalBackend]:
     stats = TrafficStats()
     runner = RolloutRunner(backend, inventory, stats, RolloutMetrics(CollectorRegistry(), backend))
     await backend.start()
-    addresses = backend.pool_endpoints(POOL)
-    assert addresses is not None
-    inventory.set_endpoints([Endpoint(address) for address in addresses])
+    endpoints = backend.pool_endpoints(POOL)
+    assert endpoints is not None
+    inventory.set_endpoints(endpoints)
+    addresses = [endpoint.address for endpoint in endpoints]
 
     async def serve() -> None:
         while True:

@@ -29,6 +29,7 @@ from controller.endpoints import (
     InferencePoolEndpoints,
     PoolApi,
     StaticEndpoints,
+    parse_endpoint_list,
     ready_pod,
 )
 from controller.inventory import Endpoint, Inventory
@@ -558,3 +559,31 @@ def test_static_endpoints_are_delivered_on_start_in_canonical_form() -> None:
 def test_static_endpoints_refuse_what_is_not_ip_port(address: str) -> None:
     with pytest.raises(ValueError, match="endpoint"):
         StaticEndpoints([address], lambda endpoints: None)
+
+
+def test_endpoint_list_reads_addresses_and_sidecar_ports() -> None:
+    endpoints, errors = parse_endpoint_list(
+        "127.0.0.1:8001 sidecar=9001,\n127.0.0.2:8000\n  [::1]:8003   sidecar=9003 ,"
+    )
+    assert errors == []
+    assert endpoints == [
+        Endpoint("127.0.0.1:8001", sidecar_url="http://127.0.0.1:9001"),
+        Endpoint("127.0.0.2:8000"),
+        Endpoint("[::1]:8003", sidecar_url="http://[::1]:9003"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("pod-a:8000", "not an ip:port endpoint"),
+        ("127.0.0.1:8001 sidecar=x", "the only option is sidecar=PORT"),
+        ("127.0.0.1:8001 sidecar=70000", "the only option is sidecar=PORT"),
+        ("127.0.0.1:8001 port=9001", "the only option is sidecar=PORT"),
+    ],
+)
+def test_endpoint_list_names_each_bad_entry_and_keeps_the_good(entry: str, problem: str) -> None:
+    endpoints, errors = parse_endpoint_list(f"127.0.0.9:8000, {entry}")
+    assert endpoints == [Endpoint("127.0.0.9:8000")]
+    assert len(errors) == 1
+    assert problem in errors[0]
