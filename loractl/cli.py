@@ -12,12 +12,14 @@ from collections.abc import Callable, Sequence
 from controller import canary_cli
 from controller import cli as controller_cli
 from loractl import __version__
+from loractl.demo import cli as demo_cli
 from sidecar import cli as sidecar_cli
 from simulator import cli as simulator_cli
 
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 REGISTRARS: tuple[Registrar, ...] = (
+    demo_cli.register,
     controller_cli.register,
     canary_cli.register,
     sidecar_cli.register,

@@ -29,10 +29,19 @@ class Inventory:
     problems: tuple[str, ...] = ()
     """Load failures reported for `to` (e.g. "pod-a: LoRA rank 16 is greater than ..."):
     shown in the status so a stuck Loading says why."""
+    unobserved: int = 0
+    """Ready pods the controller has not observed yet (just started, or their figures are
+    stale): they may well hold `to`."""
 
     @property
     def fraction(self) -> float:
         return self.pods_with_to / self.ready_pods if self.ready_pods else 0.0
+
+    def could_reach(self, fraction: float) -> bool:
+        """Whether the unobserved pods alone may make up the shortfall."""
+        if not self.ready_pods or not self.unobserved:
+            return False
+        return (self.pods_with_to + self.unobserved) / self.ready_pods >= fraction
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,9 @@ class GateReport:
     traffic: tuple[GateEvaluation, ...]
     """Error rate and latency: judged only once `to` has served min_requests."""
     requests_overdue: bool = False
+    inventory_unobserved: bool = False
+    """The inventory gate fails only for want of observations: wait, do not fail (a
+    controller that just restarted has not scraped its pods yet)."""
 
     @property
     def evaluations(self) -> tuple[GateEvaluation, ...]:
@@ -73,9 +85,10 @@ class GateReport:
     def verdict(self) -> Verdict:
         enough = self.requests is None or self.requests.passed
         starved = self.requests_overdue and not enough
-        if not self.inventory.passed or self.traffic_failed or starved:
+        short = not self.inventory.passed and not self.inventory_unobserved
+        if short or self.traffic_failed or starved:
             return Verdict.FAIL
-        return Verdict.PASS if enough else Verdict.WAIT
+        return Verdict.PASS if enough and self.inventory.passed else Verdict.WAIT
 
     def failures(self) -> str:
         return "; ".join(f"{g.name}: {g.detail}" for g in self.evaluations if not g.passed)
@@ -87,6 +100,8 @@ def inventory_gate(gates: Gates, inventory: Inventory, to_id: str) -> GateEvalua
         if inventory.ready_pods
         else "no ready pods in the pool"
     )
+    if inventory.unobserved:
+        detail += f" ({inventory.unobserved} not observed yet)"
     if inventory.problems:
         detail += "; " + "; ".join(inventory.problems)
     return GateEvaluation(
@@ -109,16 +124,17 @@ def evaluate_step(
     """Judge one step's window; `ids` is (from, to); `requests_overdue`: the wait ran out."""
     from_id, to_id = ids
     ready = inventory_gate(gates, inventory, to_id)
+    unobserved = not ready.passed and inventory.could_reach(gates.min_ready_fraction)
     if weight == 0:
-        return GateReport(ready, None, ())
+        return GateReport(ready, None, (), inventory_unobserved=unobserved)
     requests = _requests_gate(gates, traffic.canary, to_id, requests_overdue)
     if not requests.passed:
         # A handful of answers says nothing about a rate or a p95: judge them later.
-        return GateReport(ready, requests, (), requests_overdue)
+        return GateReport(ready, requests, (), requests_overdue, unobserved)
     traffic_gates = [_error_gate(gates, traffic, ids)]
     if gates.max_p95_latency_ratio is not None:
         traffic_gates.append(_latency_gate(gates, gates.max_p95_latency_ratio, traffic, from_id))
-    return GateReport(ready, requests, tuple(traffic_gates))
+    return GateReport(ready, requests, tuple(traffic_gates), inventory_unobserved=unobserved)
 
 
 def _requests_gate(

@@ -25,7 +25,7 @@ FAILED = AdapterState.FAILED.value
 def adapter_inventory(views: list[EndpointView], adapter: str) -> Inventory:
     """Ready pods, and those where `adapter` is loaded: the sidecar says so, or vLLM lists it."""
     ready = [view for view in views if view.endpoint.ready]
-    loaded = 0
+    loaded = unobserved = 0
     problems = []
     for view in ready:
         state = (view.sidecar_states or {}).get(adapter)
@@ -33,7 +33,9 @@ def adapter_inventory(views: list[EndpointView], adapter: str) -> Inventory:
             loaded += 1
         elif state == FAILED:
             problems.append(f"{view.endpoint.pod or view.address}: the sidecar failed to load it")
-    return Inventory(len(ready), loaded, tuple(problems))
+        elif view.registered is None and view.sidecar_states is None:
+            unobserved += 1
+    return Inventory(len(ready), loaded, tuple(problems), unobserved)
 
 
 def model_view(split: TrafficSplit | None) -> ModelView | None:

@@ -115,3 +115,21 @@ def test_failures_list_each_failed_gate_with_its_detail() -> None:
         "maxErrorRate: 50 errors in 100 requests to v2; v1: 0 in 100; "
         "maxP95LatencyRatio: p95 0.500s against 0.100s for v1"
     )
+
+
+def test_pods_not_observed_yet_make_the_inventory_wait_not_fail() -> None:
+    # A restarted controller: one pod scraped (it has `to`), three not yet.
+    verdict, gates = judge(summary(100), inventory=Inventory(4, 1, unobserved=3))
+    assert verdict is Verdict.WAIT
+    assert gates["minReadyFraction"] == (False, 0.25)
+
+
+def test_observed_pods_without_the_adapter_still_fail_beside_unobserved_ones() -> None:
+    # Two observed pods lack `to`: even if the unobserved one has it, 2 of 4 is too few.
+    verdict, _ = judge(summary(100), inventory=Inventory(4, 1, unobserved=1))
+    assert verdict is Verdict.FAIL
+
+
+def test_waiting_for_observations_still_fails_on_bad_traffic() -> None:
+    verdict, _ = judge(summary(200, errors=20), inventory=Inventory(4, 0, unobserved=4))
+    assert verdict is Verdict.FAIL

@@ -35,6 +35,13 @@ def test_loaded_means_sidecar_loaded_or_listed_by_vllm_on_ready_pods() -> None:
     inventory = adapter_inventory(views, "v2")
     assert (inventory.ready_pods, inventory.pods_with_to) == (3, 2)
     assert inventory.problems == ("pod-3: the sidecar failed to load it",)
+    assert inventory.unobserved == 0
+
+
+def test_pods_with_neither_vllm_nor_sidecar_figures_count_as_unobserved() -> None:
+    views = [view("a:1", registered={"v2"}), view("b:2"), view("c:3", sidecar={})]
+    inventory = adapter_inventory(views, "v2")
+    assert (inventory.ready_pods, inventory.pods_with_to, inventory.unobserved) == (3, 1, 1)
 
 
 def test_adapter_config_reports_why_it_cannot_be_read() -> None:
