@@ -87,7 +87,8 @@ class LocalCluster:
         pods = []
         for located in self._read().of_kind(POOL_KIND):
             pool = located.obj
-            api = POOL_V1 if pool.get("apiVersion") == POOL_V1.name else POOL_V1ALPHA2
+            v1 = pool.get("apiVersion") == f"{POOL_V1.group}/{POOL_V1.version}"
+            api = POOL_V1 if v1 else POOL_V1ALPHA2
             labels = dict(pool_spec(api, pool).selector)
             annotations = pool["metadata"].get("annotations") or {}
             endpoints, _ = parse_endpoint_list(str(annotations.get(ENDPOINTS_ANNOTATION) or ""))
