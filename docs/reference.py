@@ -186,9 +186,8 @@ def _section(
 
 
 def _documented(action: argparse.Action) -> bool:
-    return not isinstance(
-        action, argparse._HelpAction | argparse._SubParsersAction
-    ) and action.dest not in ("run",)
+    # -h is on every command; subcommands get sections of their own.
+    return not isinstance(action, argparse._HelpAction | argparse._SubParsersAction)
 
 
 def _row(prog: str, action: argparse.Action, flag_env: dict[str, list[str]]) -> str:
@@ -196,7 +195,7 @@ def _row(prog: str, action: argparse.Action, flag_env: dict[str, list[str]]) -> 
     if action.option_strings and action.nargs != 0:
         name += f" {_metavar(action)}"
     meaning = _help(action)
-    if action.choices is not None and not isinstance(action, argparse._SubParsersAction):
+    if action.choices is not None:
         meaning += f" (one of: {', '.join(map(str, action.choices))})"
     where = f"`{prog} {action.option_strings[0] if action.option_strings else action.dest}`"
     for match in _ENV_IN_HELP.finditer(action.help or ""):

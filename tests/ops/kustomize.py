@@ -57,7 +57,8 @@ class Rendered:
 
 
 def render(directory: Path) -> Rendered:
-    """The objects `kustomize build directory` would print, in kustomize's order."""
+    """The objects `kustomize build directory` would print, in the order they accumulate
+    (kustomize sorts its output by kind; nothing here depends on order)."""
     files: set[Path] = set()
     objects = _build(directory.resolve(), "Kustomization", files)
     return Rendered(objects, frozenset(files))
