@@ -27,6 +27,7 @@ from controller.rollout import (
 )
 from controller.rollout.spec import DURATION_PATTERN
 from tests.rollout.world import World, run_healthy, spec, summary
+from tests.support.crd import json_schema
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "manifests"
 CRD_PATH = MANIFESTS / "crds" / f"{PLURAL}.{GROUP}.yaml"
@@ -151,7 +152,7 @@ def crd_errors() -> Validate:
     jsonschema = pytest.importorskip(
         "jsonschema", reason="the CRD schema checks need jsonschema (the test extra)"
     )
-    schema = _as_json_schema(OPENAPI)
+    schema = json_schema(OPENAPI)
     # Kubernetes' OpenAPI v3.0 schemas are Draft 4 (boolean exclusiveMinimum) plus `nullable`.
     jsonschema.Draft4Validator.check_schema(schema)
     validator = jsonschema.Draft4Validator(schema)
@@ -173,22 +174,6 @@ def _object(spec_api: dict[str, Any], status_api: dict[str, Any]) -> dict[str, A
         "spec": spec_api,
         "status": status_api,
     }
-
-
-def _as_json_schema(node: Any) -> Any:
-    """OpenAPI `nullable: true` → a JSON Schema type list; Kubernetes extensions dropped."""
-    if isinstance(node, list):
-        return [_as_json_schema(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    converted = {
-        key: _as_json_schema(value)
-        for key, value in node.items()
-        if not key.startswith("x-kubernetes-") and key != "nullable"
-    }
-    if node.get("nullable"):
-        converted["type"] = [node["type"], "null"]
-    return converted
 
 
 # --- the structural comparison ----------------------------------------------------------
