@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Final
+
+from sidecar.status import AdapterState
+
+_LOADED: Final = AdapterState.LOADED.value
+_NOTHING: Final[frozenset[str]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -47,16 +53,32 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class EndpointView:
-    """A snapshot of one endpoint for scheduling; None means unknown or stale."""
+    """A snapshot of one endpoint for scheduling; None means unknown or stale.
+
+    The fields after `sidecar_states` are derived from the others when the view is built:
+    the inventory builds a view only when an observation changes, while the scheduler reads
+    them for every endpoint of every request.
+    """
 
     endpoint: Endpoint
     metrics: MetricsObservation | None
     registered: frozenset[str] | None  # LoRA names in vLLM's /v1/models
     sidecar_states: dict[str, str] | None  # adapter id → sidecar state (loaded, failed, ...)
+    address: str = field(init=False, repr=False, compare=False)
+    ready: bool = field(init=False, repr=False, compare=False)
+    loaded: frozenset[str] = field(init=False, repr=False, compare=False)
+    """Adapters known registered: listed by vLLM's model list, or loaded per the sidecar."""
 
-    @property
-    def address(self) -> str:
-        return self.endpoint.address
+    def __post_init__(self) -> None:
+        loaded = self.registered or _NOTHING
+        if self.sidecar_states:
+            sidecar_loaded = [a for a, state in self.sidecar_states.items() if state == _LOADED]
+            if not loaded.issuperset(sidecar_loaded):
+                loaded = loaded.union(sidecar_loaded)
+        # Frozen: the derived fields are set once, here, like the others at construction.
+        object.__setattr__(self, "address", self.endpoint.address)
+        object.__setattr__(self, "ready", self.endpoint.ready)
+        object.__setattr__(self, "loaded", loaded)
 
 
 @dataclass

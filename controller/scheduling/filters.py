@@ -13,9 +13,6 @@ from typing import Final
 from controller.inventory import EndpointView
 from controller.scheduling.residency import registration
 from controller.scheduling.types import SchedulingRequest
-from sidecar.status import AdapterState
-
-_LOADED: Final = AdapterState.LOADED.value
 
 
 class ReadyFilter:
@@ -23,7 +20,7 @@ class ReadyFilter:
     kind: Final = "filter"
 
     def filter(self, request: SchedulingRequest, views: list[EndpointView]) -> list[EndpointView]:
-        return [view for view in views if view.endpoint.ready]
+        return [view for view in views if view.ready]
 
 
 class SubsetFilter:
@@ -36,7 +33,7 @@ class SubsetFilter:
         subset = request.subset
         if subset is None:
             return views
-        return [view for view in views if view.endpoint.address in subset]
+        return [view for view in views if view.address in subset]
 
 
 class AdapterRegisteredFilter:
@@ -61,12 +58,7 @@ class AdapterRegisteredFilter:
         if not request.is_adapter:
             return views
         target = request.target
-        known = [
-            view
-            for view in views
-            if ((listed := view.registered) is not None and target in listed)
-            or ((states := view.sidecar_states) is not None and states.get(target) == _LOADED)
-        ]
+        known = [view for view in views if target in view.loaded]
         if known:
             return views if len(known) == len(views) else known
         unknown = [view for view in views if registration(view, target) is None]

@@ -80,22 +80,26 @@ class _Memory:
     The estimate depends only on the endpoint's observations and our assignments, not on
     the request, so it is derived once and reused until one of its inputs changes: new
     metrics or model-list objects (a scrape; compared by identity, one pointer comparison
-    each), an assignment, or the expiry of a remembered use it counted.
+    each), an assignment, or the expiry of a remembered use it counted. The view it was
+    last checked against is kept too: while the inventory hands out the same view object,
+    one identity check tells that the observations did not change.
     """
 
-    __slots__ = ("full", "lru", "metrics", "registered", "resident", "valid_until")
+    __slots__ = ("absent", "lru", "metrics", "registered", "resident", "valid_until", "view")
 
     def __init__(self) -> None:
         self.lru: dict[str, float] = {}
         """adapter → when it was last seen used (our assignment, or running or waiting in
         a scrape), oldest first."""
+        self.view: EndpointView | None = None
         self.metrics: MetricsObservation | None = None
         self.registered: frozenset[str] | None = None
         """The observations the estimate was derived from."""
         self.resident: frozenset[str] = _NOTHING
         """Adapters believed in a GPU slot."""
-        self.full = False
-        """Every slot is believed taken: a new adapter would evict one."""
+        self.absent = Affinity.WARM
+        """Where an adapter that is not resident stands: WARM while a slot is believed
+        free, COLD once every slot is taken (it would evict one)."""
         self.valid_until = -math.inf
         """When the estimate must be derived again even if nothing else changed."""
 
@@ -148,27 +152,40 @@ class ResidencyTracker:
     def classify_all(
         self, views: Sequence[EndpointView], adapter: str, now: float
     ) -> list[Affinity]:
-        """`classify` for every view, in order; the scorer's hot loop, hence inline."""
-        hot, warm, cold, missing = Affinity.HOT, Affinity.WARM, Affinity.COLD, Affinity.MISSING
+        """`classify` for every view, in order: the affinity scorer's hot path."""
+        missing, hot = Affinity.MISSING, Affinity.HOT
+        return [
+            missing
+            if adapter not in view.loaded and registration(view, adapter) is False
+            else hot
+            if adapter in memory.resident
+            else memory.absent
+            for view, memory in zip(views, self._current(views, now), strict=True)
+        ]
+
+    def _current(self, views: Sequence[EndpointView], now: float) -> list[_Memory]:
+        """Each view's memory, with an up-to-date estimate: one identity check and one
+        clock comparison per endpoint while its view and our assignments stay the same."""
         endpoints = self._endpoints
-        out: list[Affinity] = []
-        append = out.append
-        for view in views:
-            memory = endpoints.get(view.endpoint.address) or self._memory(view.endpoint.address)
-            registered = view.registered
-            if (
-                memory.metrics is not view.metrics
-                or memory.registered is not registered
-                or now >= memory.valid_until
-            ):
-                self._derive(memory, view, now)
-            if (registered is None or adapter not in registered) and registration(
-                view, adapter
-            ) is False:
-                append(missing)
-            else:
-                append(hot if adapter in memory.resident else cold if memory.full else warm)
-        return out
+        return [
+            memory
+            if (memory := endpoints.get(view.address)) is not None
+            and memory.view is view
+            and now < memory.valid_until
+            else self._refresh(view, now)
+            for view in views
+        ]
+
+    def _refresh(self, view: EndpointView, now: float) -> _Memory:
+        memory = self._memory(view.address)
+        if (
+            memory.metrics is not view.metrics
+            or memory.registered is not view.registered
+            or now >= memory.valid_until
+        ):
+            self._derive(memory, view, now)
+        memory.view = view
+        return memory
 
     def _memory(self, address: str) -> _Memory:
         memory = self._endpoints.get(address)
@@ -189,7 +206,7 @@ class ResidencyTracker:
             capacity = metrics.max_lora or self.default_max_lora
             if metrics.gpu_adapters is not None:  # authoritative: nothing else to consult
                 memory.resident = metrics.gpu_adapters
-                memory.full = len(metrics.gpu_adapters) >= capacity
+                memory.absent = _absent(len(metrics.gpu_adapters), capacity)
                 return
             active = metrics.running_adapters
             if metrics.waiting_adapters:
@@ -210,7 +227,11 @@ class ResidencyTracker:
                 used += 1
                 memory.valid_until = min(memory.valid_until, used_at + self.idle_seconds)
         memory.resident = active.union(remembered) if remembered else active
-        memory.full = used >= capacity
+        memory.absent = _absent(used, capacity)
+
+
+def _absent(used: int, capacity: int) -> Affinity:
+    return Affinity.COLD if used >= capacity else Affinity.WARM
 
 
 def _touch(lru: dict[str, float], adapter: str, now: float, limit: int) -> bool:
