@@ -70,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=("all", "any", "none"),
         default="all",
         help="/readyz is ready when all (default), any or none of the ensureExist adapters "
-        "are loaded",
+        "are loaded; then it stays ready while vLLM answers (adapters listed later do not "
+        "take the pod out of service)",
     )
     parser.add_argument(
         "--resync-interval",

@@ -72,6 +72,7 @@ class Reconciler:
         self.on_change: Callable[[], None] = lambda: None
         """Called after every adapter state change (e.g. to publish a Pod annotation)."""
         self._api_owns_config = False
+        self._was_ready = False
         self._seen_digest: str | None = None
         self._client: VLLMClient | None = None
         self._trigger = asyncio.Event()
@@ -357,11 +358,14 @@ class Reconciler:
                  **details)  # fmt: skip
         record.state = state
         record.changed_at = time.time()
+        self.readiness()  # latches readiness the moment the last adapter loads
         self.on_change()
 
     def _set_reachable(self, reachable: bool, error: str | None = None) -> None:
         if reachable != self.vllm_reachable:
             log.info("vllm_reachable" if reachable else "vllm_unreachable", error=error)
+        if not reachable:
+            self._was_ready = False  # a restarted vLLM must get its adapters back first
         self.vllm_reachable = reachable
         self.metrics.vllm_reachable.set(int(reachable))
         if error:
@@ -397,6 +401,23 @@ class Reconciler:
     # --- views ------------------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, str]:
+        """Ready once the adapters are loaded, and from then on while vLLM answers.
+
+        Adapters listed later (a canary's new version, say) do not take the pod back out
+        of service: the ConfigMap is shared by every pod of the pool, so waiting on them
+        would take the whole pool out at once, and for good if one cannot load. The
+        rollout controller watches those through the inventory instead. A vLLM that stops
+        answering resets this: after a restart it holds no adapters until they are
+        loaded again.
+        """
+        ready, why = self._adapters_ready()
+        if ready:
+            self._was_ready = True
+        elif self._was_ready and self.vllm_reachable and self.desired is not None:
+            return True, f"ready (since startup; {why})"
+        return ready, why
+
+    def _adapters_ready(self) -> tuple[bool, str]:
         mode = self.settings.ready_when
         if mode == "none":
             return True, "readiness does not wait for adapters (--ready-when none)"

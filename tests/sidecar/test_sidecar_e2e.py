@@ -296,3 +296,31 @@ def test_base_model_mismatch_is_a_warning_not_a_failure(
     assert "mistralai/Mistral-7B-v0.1" in warning
     assert status["adapters"]["matching"]["warnings"] == []
     assert '"event": "base_model_mismatch"' in sidecar.process.log_path.read_text()
+
+
+def test_an_adapter_listed_after_startup_does_not_take_the_pod_out_of_service(
+    start_simulator: SimulatorFactory,
+    start_sidecar: SidecarFactory,
+    adapters: Callable[..., str],
+) -> None:
+    sim = start_simulator(*FAST)
+    first = adapters("first")
+    sidecar = start_sidecar(sim.url, adapter_config({"first": first}))
+    sidecar.wait_states(first="loaded")
+    assert httpx.get(f"{sidecar.url}/readyz").status_code == 200
+    # A canary lists its new version in the pool's shared ConfigMap; this one never loads.
+    sidecar.publish(adapter_config({"first": first, "broken": "/nowhere/at/all"}))
+    sidecar.wait_states(broken="failed")
+    readyz = httpx.get(f"{sidecar.url}/readyz")
+    assert readyz.status_code == 200, readyz.text
+    assert "broken" in sidecar.status()["ready_reason"]
+
+    # vLLM restarting resets it: the pod waits for its adapters again, all of them, as a
+    # new pod would (until the rollout controller takes the broken one out of the list).
+    httpx.post(f"{sim.url}/sim/restart", json={"downtime_seconds": 1.0}, timeout=5)
+    sidecar.wait_for(lambda s: not s["vllm"]["reachable"], timeout=10, what="vLLM down")
+    sidecar.wait_for(lambda s: s["vllm"]["reachable"], timeout=15, what="vLLM back")
+    sidecar.wait_states(first="loaded")
+    assert httpx.get(f"{sidecar.url}/readyz").status_code == 503
+    sidecar.publish(adapter_config({"first": first}))
+    sidecar.wait_for(lambda s: s["ready"], timeout=10, what="ready without the broken one")
