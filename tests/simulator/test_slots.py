@@ -88,7 +88,9 @@ def test_unregistered_adapter_is_404(start_simulator: SimulatorFactory) -> None:
     sim = start_simulator("--time-scale", "0")
     answer = complete(sim.url, "never-loaded")
     assert answer.status_code == 404
-    assert answer.json()["error"]["message"] == "The model `never-loaded` does not exist."
+    assert answer.json()["error"]["message"] == (
+        "The model `never-loaded` does not exist. Valid aliases: meta-llama/Llama-3.1-8B-Instruct."
+    )
 
 
 def test_lora_adapter_loaded_metric_shows_residency_when_enabled(
