@@ -41,8 +41,10 @@ def test_three_adapters_on_two_slots_swap_and_wait(
             load(client, name, adapters(name))
 
     def third_is_waiting() -> bool:
+        # As in vLLM 0.32, both labels name every adapter with a request in flight.
         return any(
-            name == "vllm:lora_requests_info" and labels["waiting_lora_adapters"] == "c"
+            name == "vllm:lora_requests_info"
+            and labels["running_lora_adapters"] == labels["waiting_lora_adapters"] == "a,b,c"
             for name, labels, _ in samples(sim.url)
         )
 
