@@ -24,9 +24,9 @@ from tests.support.real_vllm import (
     build_model,
     ensure_installed,
     memory_problem,
-    unload_all,
     vllm_process,
 )
+from tests.support.vllm_api import unload_all
 
 HOSTS = ("127.0.0.11", "127.0.0.12")
 # Three r=8 adapters that each change the completions their own way, and one of rank 16
@@ -120,9 +120,8 @@ def vllm_servers(
 def vllm(vllm_servers: list[VllmServer]) -> Iterator[VllmServer]:
     """The first server, with no adapter registered before and after the test."""
     server = vllm_servers[0]
-    if not server.process.alive():
-        server.restart(kill=False)
-        server.wait_ready()
+    if not server.process.alive():  # a test killed it and failed before bringing it back
+        server.restart_and_wait()
     unload_all(server.url)
     yield server
     if server.process.alive():

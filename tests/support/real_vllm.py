@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from loractl.processes import ChildProcess, ChildProcessError
@@ -335,17 +334,6 @@ def wait_ready(process: ChildProcess, url: str, timeout: float = STARTUP_TIMEOUT
         raise
 
 
-def registered(url: str) -> dict[str, str]:
-    """Adapters vLLM has registered, name → root path."""
-    cards = httpx.get(f"{url}/v1/models", timeout=10.0).json()["data"]
-    return {c["id"]: c["root"] for c in cards if c["parent"]}
-
-
-def unload_all(url: str) -> None:
-    for name in registered(url):
-        httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=30.0)
-
-
 @dataclass
 class TinyModel:
     model_dir: Path
@@ -369,14 +357,13 @@ class VllmServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def restart(self, kill: bool = True) -> None:
-        """Kill the process like a crashed container, and start it again on the same port."""
-        if kill:
-            self.process.kill()
-        else:
-            self.process.stop()
+    def restart_and_wait(self) -> None:
+        """A new process on the same port, as a container restart brings back (the old one
+        is killed first if it still runs); returns once it answers /health."""
+        self.process.kill()
         self.process = self.process.again()
         self.children.append(self.process.start())
+        self.wait_ready()
 
     def wait_ready(self) -> None:
         wait_ready(self.process, self.url)
