@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -37,20 +38,23 @@ ADAPTERS = {
     "food-review-3": AdapterSpec(seed=3),
     "big": AdapterSpec(seed=4, rank=16),
 }
-_SKIPPED: list[str] = []
+_SKIPPED: list[Unavailable] = []
 
 
-def unavailable(reason: str) -> None:
-    """Skip the stage, loudly: the reason goes to the skip and to the end of the report."""
-    if reason not in _SKIPPED:
-        _SKIPPED.append(reason)
-    pytest.skip(f"real vLLM cannot run on this machine: {reason}")
+def unavailable(problem: Unavailable) -> NoReturn:
+    """Skip the stage, loudly: the reason on every skipped test, and once more with its
+    evidence in a banner at the end of the run."""
+    if all(problem.reason != seen.reason for seen in _SKIPPED):
+        _SKIPPED.append(problem)
+    pytest.skip(f"real vLLM cannot run on this machine: {problem.reason}")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    for reason in _SKIPPED:
+    for problem in _SKIPPED:
         terminalreporter.section("REAL VLLM STAGE SKIPPED", sep="!", red=True, bold=True)
-        terminalreporter.write_line(f"vLLM cannot run on this machine: {reason}", red=True)
+        terminalreporter.write_line(f"vLLM cannot run on this machine: {problem.reason}", red=True)
+        if problem.details:
+            terminalreporter.write_line(problem.details)
         terminalreporter.write_line("No test of this stage proved anything against real vLLM.")
 
 
@@ -60,10 +64,10 @@ def vllm_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         python = ensure_installed(tmp_path_factory.mktemp("vllm-install") / "install.log")
     except Unavailable as exc:
-        unavailable(str(exc))
+        unavailable(exc)
     problem = memory_problem(len(HOSTS))
     if problem:
-        unavailable(problem)
+        unavailable(Unavailable(problem))
     print(f"vLLM environment ready in {time.monotonic() - started:.0f}s: {python}")
     return python
 
@@ -108,7 +112,7 @@ def vllm_servers(
             try:
                 server.wait_ready()
             except Unavailable as exc:
-                unavailable(str(exc))
+                unavailable(exc)
         print(f"two vLLM servers ready in {time.monotonic() - started:.0f}s")
         yield servers
     finally:

