@@ -35,7 +35,7 @@ log = structlog.get_logger("simulator")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SIMULATOR_KEY = web.AppKey("simulator", Simulator)
 SERVER_KEY: web.AppKey[SimServer] = web.AppKey("server")
-TEXT_PLAIN = "text/plain"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what vLLM sends
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 
 
@@ -97,7 +97,9 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=_sim(request).metrics.render(), content_type=TEXT_PLAIN)
+    return web.Response(
+        body=_sim(request).metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+    )
 
 
 # --- adapters -------------------------------------------------------------------------
@@ -176,14 +178,16 @@ def _chat_prompt(request: ChatCompletionRequest) -> tuple[str, int]:
     return "\n".join(contents), chat_prompt_tokens(contents)
 
 
-def _usage(prompt_tokens: int, choices: list[PlannedChoice]) -> dict[str, Any]:
+def _usage(prompt_tokens: int, choices: list[PlannedChoice], details: bool) -> dict[str, Any]:
     completion = sum(len(c.tokens) for c in choices)
-    return {
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion,
         "completion_tokens": completion,
-        "prompt_tokens_details": None,
     }
+    if details:  # the final usage chunk of a stream carries the three counts only
+        usage.update(prompt_tokens_details=None, completion_tokens_details=None)
+    return usage
 
 
 class Generation:
@@ -208,7 +212,7 @@ class Generation:
         self.choices = sim.plan_choices(
             target, prompts, max_tokens, n, temperature, max_tokens_param
         )
-        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(16)
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(8)
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
 
@@ -228,19 +232,23 @@ class Generation:
             text = "".join(choice.tokens)
             body: dict[str, Any] = {"index": index}
             if self.chat:
-                body["message"] = {
-                    "role": "assistant",
-                    "content": text,
-                    "reasoning_content": None,
-                    "tool_calls": [],
-                }
+                body["message"] = {"role": "assistant", "content": text, "refusal": None,
+                                   "annotations": None, "audio": None, "function_call": None,
+                                   "reasoning": None}  # fmt: skip
             else:
                 body["text"] = text
-            body.update(logprobs=None, finish_reason=choice.seq.finish_reason, stop_reason=None)
+            body.update(logprobs=None, finish_reason=choice.seq.finish_reason, stop_reason=None,
+                        token_ids=None)  # fmt: skip
+            if not self.chat:
+                body.update(prompt_logprobs=None, prompt_token_ids=None)
+            body["routed_experts"] = None
             choices.append(body)
         payload = self._envelope(self.object, choices)
-        payload["usage"] = _usage(self.prompt_tokens, self.choices)
-        payload["kv_transfer_params"] = None
+        payload.update(service_tier=None, system_fingerprint=self.sim.fingerprint,
+                       usage=_usage(self.prompt_tokens, self.choices, details=True))  # fmt: skip
+        if self.chat:
+            payload.update(prompt_logprobs=None, prompt_token_ids=None, prompt_text=None)
+        payload.update(kv_transfer_params=None, ec_transfer_params=None, metrics=None)
         return json_body(payload)
 
     async def stream(self, request: web.Request, include_usage: bool) -> web.StreamResponse:
@@ -248,6 +256,7 @@ class Generation:
         await response.prepare(request)
         chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
         for index, choice in enumerate(self.choices):
+            final_choice = index == len(self.choices) - 1
             if self.chat:
                 role = {
                     "index": index,
@@ -255,29 +264,43 @@ class Generation:
                     "logprobs": None,
                     "finish_reason": None,
                 }
-                await _send(response, self._envelope(chunk_object, [role]))
+                opening = self._envelope(chunk_object, [role])
+                opening.update(prompt_token_ids=None, prompt_text=None)
+                await _send(response, opening)
             async with aclosing(self.sim.engine.generate(choice.seq)) as produced:
                 async for position in produced:
+                    chunk = self._token_chunk(chunk_object, index, choice, position)
                     last = position == len(choice.tokens) - 1
-                    token = choice.tokens[position]
-                    body: dict[str, Any] = {"index": index}
-                    if self.chat:
-                        body["delta"] = {"content": token}
-                    else:
-                        body["text"] = token
-                    body.update(
-                        logprobs=None,
-                        finish_reason=choice.seq.finish_reason if last else None,
-                        stop_reason=None,
-                    )
-                    await _send(response, self._envelope(chunk_object, [body]))
+                    if last and final_choice and not include_usage:
+                        chunk["system_fingerprint"] = self.sim.fingerprint
+                    await _send(response, chunk)
         if include_usage:
             final = self._envelope(chunk_object, [])
-            final["usage"] = _usage(self.prompt_tokens, self.choices)
+            final["usage"] = _usage(self.prompt_tokens, self.choices, details=False)
+            final["system_fingerprint"] = self.sim.fingerprint
             await _send(response, final)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+    def _token_chunk(
+        self, chunk_object: str, index: int, choice: PlannedChoice, position: int
+    ) -> dict[str, Any]:
+        """One token as vLLM streams it (the stop reason only on a choice's last token)."""
+        last = position == len(choice.tokens) - 1
+        token = choice.tokens[position]
+        body: dict[str, Any] = {"index": index}
+        if self.chat:
+            body.update(delta={"content": token}, logprobs=None,
+                        finish_reason=choice.seq.finish_reason if last else None)  # fmt: skip
+            if last:
+                body["stop_reason"] = None
+            body["token_ids"] = None
+        else:
+            body.update(text=token, logprobs=None,
+                        finish_reason=choice.seq.finish_reason if last else None,
+                        stop_reason=None, prompt_token_ids=None, token_ids=None)  # fmt: skip
+        return self._envelope(chunk_object, [body])
 
 
 async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
+import secrets
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -57,6 +59,9 @@ class Simulator:
         )
         self.metrics.attach(self.engine)
         self.created = int(time.time())
+        # vLLM's system_fingerprint: the version and a hash of the engine's configuration.
+        config_hash = hashlib.sha256(repr(settings).encode()).hexdigest()[:8]
+        self.fingerprint = f"vllm-{settings.vllm_version}-{config_hash}"
         self.register_startup_adapters()
 
     def register_startup_adapters(self) -> None:
@@ -242,7 +247,7 @@ class Simulator:
             "max_model_len": max_model_len,
             "permission": [
                 {
-                    "id": f"modelperm-{name}",
+                    "id": f"modelperm-{secrets.token_hex(8)}",
                     "object": "model_permission",
                     "created": self.created,
                     "allow_create_engine": False,

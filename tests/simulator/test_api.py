@@ -151,7 +151,6 @@ def test_force_include_usage_adds_the_usage_chunk(start_simulator: SimulatorFact
         "prompt_tokens": 1,
         "completion_tokens": 3,
         "total_tokens": 4,
-        "prompt_tokens_details": None,
     }
 
 
