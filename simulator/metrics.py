@@ -163,6 +163,15 @@ class SimMetrics:
             family = GaugeMetricFamily(name, doc, labels=names)
             family.add_metric(values, value)
             yield family
+        by_reason = GaugeMetricFamily(
+            "vllm:num_requests_waiting_by_reason",
+            "Number of waiting requests by reason: 'capacity' = waiting for scheduling "
+            "capacity; 'deferred' = held back by the LoRA budget.",
+            labels=[*names, "reason"],
+        )
+        by_reason.add_metric([*values, "capacity"], stats.waiting - stats.deferred)
+        by_reason.add_metric([*values, "deferred"], stats.deferred)
+        yield by_reason
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "Running stats on lora requests.",

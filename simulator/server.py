@@ -35,7 +35,7 @@ log = structlog.get_logger("simulator")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SIMULATOR_KEY = web.AppKey("simulator", Simulator)
 SERVER_KEY: web.AppKey[SimServer] = web.AppKey("server")
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what vLLM sends
+METRICS_CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"  # what vLLM 0.32 sends
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 
 

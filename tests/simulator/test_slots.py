@@ -54,6 +54,7 @@ def test_three_adapters_on_two_slots_swap_and_wait(
         third = pool.submit(complete, sim.url, "c")
         wait_for(third_is_waiting)
         assert value(sim.url, "vllm:num_requests_waiting") == 1
+        assert value(sim.url, "vllm:num_requests_waiting_by_reason", reason="deferred") == 1
         answers = [f.result() for f in (*first, third)]
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert [a.json()["model"] for a in answers] == ["a", "b", "c"]
