@@ -10,6 +10,7 @@ from tests.conftest import SidecarFactory
 from tests.support.real_vllm import STAGE, TinyModel, VllmServer
 from tests.support.sidecar_scenarios import (
     bad_adapters_fail_with_reasons,
+    incomplete_copy,
     initial_sync_then_kubelet_style_edits,
     server_restart_is_noticed_and_adapters_come_back,
     source_change_reloads_in_place,
@@ -39,11 +40,12 @@ def test_source_change_reloads_and_the_completions_change(
 
 
 def test_bad_adapters_fail_with_reasons(
-    vllm: VllmServer, start_sidecar: SidecarFactory, tiny_model: TinyModel
+    vllm: VllmServer, start_sidecar: SidecarFactory, tiny_model: TinyModel, tmp_path: Path
 ) -> None:
-    adapters = tiny_model.adapters
+    good = tiny_model.adapters["food-review-1"]
+    incomplete = incomplete_copy(good, tmp_path / "incomplete")
     bad_adapters_fail_with_reasons(
-        vllm.url, start_sidecar, adapters["food-review-1"], adapters["big"]
+        vllm.url, start_sidecar, good, tiny_model.adapters["big"], incomplete
     )
 
 

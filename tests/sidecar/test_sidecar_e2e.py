@@ -14,6 +14,7 @@ from tests.support.hub_cache import cache_snapshot
 from tests.support.metrics import value
 from tests.support.sidecar_scenarios import (
     bad_adapters_fail_with_reasons,
+    incomplete_copy,
     initial_sync_then_kubelet_style_edits,
     server_restart_is_noticed_and_adapters_come_back,
     source_change_reloads_in_place,
@@ -65,10 +66,13 @@ def test_bad_adapters_fail_with_reasons_while_good_ones_load(
     start_simulator: SimulatorFactory,
     start_sidecar: SidecarFactory,
     adapters: Callable[..., str],
+    tmp_path: Path,
 ) -> None:
     sim = start_simulator(*FAST, "--max-lora-rank", "8")
+    good = adapters("good")
+    incomplete = incomplete_copy(good, tmp_path / "incomplete")
     bad_adapters_fail_with_reasons(
-        sim.url, start_sidecar, adapters("good"), adapters("big", rank=16)
+        sim.url, start_sidecar, good, adapters("big", rank=16), incomplete
     )
 
 

@@ -7,8 +7,11 @@ restarted) comes in as arguments.
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -60,21 +63,36 @@ def source_change_reloads_in_place(
     assert sidecar.adapter("review")["state"] == "loaded"
 
 
+def incomplete_copy(adapter: str, where: Path) -> str:
+    """A copy whose config lacks `target_modules`: fine by the sidecar's own checks, refused
+    by vLLM's worker."""
+    shutil.copytree(adapter, where)
+    config = json.loads((where / "adapter_config.json").read_text())
+    del config["target_modules"]
+    (where / "adapter_config.json").write_text(json.dumps(config))
+    return str(where)
+
+
 def bad_adapters_fail_with_reasons(
-    url: str, start_sidecar: SidecarFactory, good: str, big: str
+    url: str, start_sidecar: SidecarFactory, good: str, big: str, incomplete: str
 ) -> None:
-    """The server runs with `--max-lora-rank 8`; `big` has rank 16."""
+    """The server runs with `--max-lora-rank 8`; `big` has rank 16; `incomplete` comes
+    from `incomplete_copy`."""
     config = adapter_config(
-        {"good": good, "big": big, "gone": "/nowhere/at/all", "bad-form": "s3://bucket/x"}
-    )
+        {"good": good, "big": big, "incomplete": incomplete, "gone": "/nowhere/at/all",
+         "bad-form": "s3://bucket/x"}
+    )  # fmt: skip
     sidecar = start_sidecar(url, config, "--ready-when", "any")
-    sidecar.wait_states(good="loaded", big="failed", gone="failed")
+    sidecar.wait_states(good="loaded", big="failed", gone="failed", incomplete="failed")
     assert sidecar.adapter("bad-form")["state"] == "failed"
     assert registered(url) == {"good": good}
     big_status = sidecar.adapter("big")
     assert big_status["last_error"]["reason"] == "bad_artifact"
     assert "--max-lora-rank" in big_status["last_error"]["message"]
     assert sidecar.adapter("gone")["last_error"]["reason"] == "bad_artifact"
+    refused = sidecar.adapter("incomplete")["last_error"]
+    assert refused["reason"] == "bad_artifact", refused
+    assert "Missing required configuration fields" in refused["message"]
     assert sidecar.adapter("bad-form")["last_error"]["reason"] == "invalid_spec"
     # Backoff: the bad one is retried, later and later, while the good one stays loaded.
     sidecar.wait_for(lambda s: s["adapters"]["big"]["attempts"] >= 3, timeout=10, what="retries")
