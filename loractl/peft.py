@@ -1,8 +1,9 @@
 """Reading a PEFT adapter's `adapter_config.json`: the one file every party checks.
 
-The simulator reads it the way vLLM does; the sidecar reads it to verify an
-adapter before asking vLLM to load it. Each turns a `PeftConfigError` into its
-own kind of error.
+The sidecar reads it to verify an adapter before asking vLLM to load it, and
+turns a `PeftConfigError` into its own kind of error. It is stricter than vLLM,
+which does not look at `peft_type` (the simulator mirrors vLLM's own checks in
+`simulator/artifacts.py`).
 """
 
 from __future__ import annotations

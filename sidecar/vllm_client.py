@@ -45,6 +45,19 @@ class VLLMError:
         return cls(response.status_code, None, str(body)[:500])
 
 
+# What vLLM's worker says (as a 500 "Call to add_lora method failed: ...") when the adapter
+# itself is unusable; retrying such a load cannot help.
+WORKER_REFUSALS = (
+    "Missing required configuration fields",
+    "must be a positive integer",
+    "doesn't contain tensors",
+    "does not support",
+    "does not yet support",
+    "is not supported",
+    "expected target modules",
+)
+
+
 def classify_load_error(error: VLLMError, adapter: str, path: str) -> AdapterFailure:
     """Turn a failed load answer into the reason an operator acts on."""
     if error.status == HTTPStatus.NOT_FOUND and error.type is None:
@@ -65,6 +78,11 @@ def classify_load_error(error: VLLMError, adapter: str, path: str) -> AdapterFai
     if error.status < HTTPStatus.INTERNAL_SERVER_ERROR:
         return AdapterFailure(
             FailureReason.BAD_ARTIFACT, f"vLLM rejected {adapter}: {error.message}"
+        )
+    if any(sign in error.message for sign in WORKER_REFUSALS):
+        return AdapterFailure(
+            FailureReason.BAD_ARTIFACT,
+            f"vLLM refused {adapter}: {error.message.split(', please check')[0]}",
         )
     return AdapterFailure(
         FailureReason.TRANSIENT, f"vLLM failed loading {adapter} ({error.status}): {error.message}"

@@ -45,6 +45,8 @@ class EngineStats:
     kv_cache_usage: float
     running_adapters: list[str]
     waiting_adapters: list[str]
+    deferred: int = 0
+    """Of the waiting, those held back by the LoRA budget (no GPU slot for their adapter)."""
 
 
 class Engine:
@@ -75,6 +77,11 @@ class Engine:
             kv_cache_usage=min(1.0, self._kv_used / self.kv_cache_tokens),
             running_adapters=list(running_adapters),
             waiting_adapters=list(waiting_adapters),
+            deferred=sum(
+                1
+                for seq in self._waiting
+                if seq.lora is not None and not self.residency.can_activate(seq.lora)
+            ),
         )
 
     async def generate(self, seq: Sequence) -> AsyncGenerator[int, None]:

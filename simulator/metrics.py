@@ -3,8 +3,9 @@
 Gauges that describe the engine right now (running, waiting, KV use, residency)
 are computed at scrape time from the engine itself, so the hot path pays nothing
 for them. `vllm:lora_requests_info` keeps vLLM's odd shape: its value is the
-time a label set was last seen and old label sets stay exported, which is
-exactly what a LoRA-aware scheduler has to cope with.
+time a label set was last seen and old label sets stay exported, and (vLLM 0.32)
+both its labels list every adapter with a request in flight, running or waiting,
+which is exactly what a LoRA-aware scheduler has to cope with.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ LATENCY_BUCKETS = (
     2560.0,
 )
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+FINISHED_REASONS = ("stop", "length", "abort", "error", "repetition")
+"""vLLM exports every finished_reason series from the start, at 0."""
 MAX_LORA_INFO_SERIES = 512
 """vLLM never drops an old label set; we keep the newest ones so memory stays bounded."""
 
@@ -92,6 +95,8 @@ class SimMetrics:
             [*names, "finished_reason"],
             registry=self.registry,
         )
+        for reason in FINISHED_REASONS:
+            self.request_success.labels(**self._labels, finished_reason=reason)
         self.swaps = Counter(
             "sim:lora_swaps",
             "Simulator only: adapters moved into a GPU slot, by where they came from "
@@ -123,7 +128,10 @@ class SimMetrics:
         self.request_success.labels(**self._labels, finished_reason=finish_reason).inc()
 
     def on_activity(self, running: list[str], waiting: list[str]) -> None:
-        key = (",".join(running), ",".join(waiting))
+        # vLLM 0.32 keeps one entry per adapter with any request in flight and writes the
+        # same names into both labels: "waiting" does not mean "has no GPU slot".
+        in_flight = ",".join([*running, *(name for name in waiting if name not in running)])
+        key = (in_flight, in_flight)
         self._lora_info[key] = time.time()
         self._lora_info.move_to_end(key)
         while len(self._lora_info) > MAX_LORA_INFO_SERIES:
@@ -155,6 +163,15 @@ class SimMetrics:
             family = GaugeMetricFamily(name, doc, labels=names)
             family.add_metric(values, value)
             yield family
+        by_reason = GaugeMetricFamily(
+            "vllm:num_requests_waiting_by_reason",
+            "Number of waiting requests by reason: 'capacity' = waiting for scheduling "
+            "capacity; 'deferred' = held back by the LoRA budget.",
+            labels=[*names, "reason"],
+        )
+        by_reason.add_metric([*values, "capacity"], stats.waiting - stats.deferred)
+        by_reason.add_metric([*values, "deferred"], stats.deferred)
+        yield by_reason
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "Running stats on lora requests.",

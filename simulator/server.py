@@ -12,7 +12,7 @@ from http import HTTPStatus
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
 from simulator.faults import ErrorRateRequest, LatencyRequest, RestartRequest, UnhealthyRequest
@@ -24,7 +24,9 @@ from simulator.protocol import (
     StreamOptions,
     UnloadLoRAAdapterRequest,
     error_response,
+    json_body,
     parse_body,
+    validation_error,
 )
 from simulator.service import PlannedChoice, Simulator, Target
 from simulator.textgen import chat_prompt_tokens, count_tokens
@@ -33,7 +35,7 @@ log = structlog.get_logger("simulator")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SIMULATOR_KEY = web.AppKey("simulator", Simulator)
 SERVER_KEY: web.AppKey[SimServer] = web.AppKey("server")
-TEXT_PLAIN = "text/plain"
+METRICS_CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"  # what vLLM 0.32 sends
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 
 
@@ -46,7 +48,7 @@ async def vllm_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return exc.response()
     except web.HTTPException as exc:
         if exc.status >= 400:
-            return web.json_response({"detail": exc.reason}, status=exc.status)
+            return json_body({"detail": exc.reason}, status=exc.status)
         raise
     except Exception as exc:
         log.exception("request_failed", path=request.path)
@@ -67,7 +69,7 @@ def api_key_guard(api_key: str | None) -> Middleware:
             and request.method != "OPTIONS"
             and request.headers.get("Authorization") != expected
         ):
-            return web.json_response({"error": "Unauthorized"}, status=401)
+            return json_body({"error": "Unauthorized"}, status=401)
         return await handler(request)
 
     return guard
@@ -87,55 +89,86 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    return web.json_response({"version": _sim(request).settings.vllm_version})
+    return json_body({"version": _sim(request).settings.vllm_version})
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response(_sim(request).model_cards())
+    return json_body(_sim(request).model_cards())
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=_sim(request).metrics.render(), content_type=TEXT_PLAIN)
+    return web.Response(
+        body=_sim(request).metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+    )
 
 
 # --- adapters -------------------------------------------------------------------------
+
+
+class UntypedText(web.Response):
+    """vLLM's load and unload handlers return a bare string: a body with no content-type
+    (aiohttp would otherwise label it application/octet-stream)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(body=text.encode())
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self._headers.popall(hdrs.CONTENT_TYPE, None)
 
 
 async def load_lora_adapter(request: web.Request) -> web.Response:
     body = await parse_body(request, LoadLoRAAdapterRequest)
     text = await _sim(request).load_adapter(body.lora_name, body.lora_path, body.load_inplace)
     log.info("lora_loaded", lora_name=body.lora_name, lora_path=body.lora_path)
-    return web.Response(text=text, content_type=TEXT_PLAIN)
+    return UntypedText(text)
 
 
 async def unload_lora_adapter(request: web.Request) -> web.Response:
     body = await parse_body(request, UnloadLoRAAdapterRequest)
     text = _sim(request).unload_adapter(body.lora_name)
     log.info("lora_unloaded", lora_name=body.lora_name)
-    return web.Response(text=text, content_type=TEXT_PLAIN)
+    return UntypedText(text)
 
 
 # --- generation -----------------------------------------------------------------------
 
 
-def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[str, int]]:
+def _prompt_list(
+    prompt: str | list[str] | list[int] | list[list[int]] | None,
+) -> list[tuple[str, int]]:
     """(text, token count) per prompt; token-id prompts count their ids."""
+    if prompt is None or prompt == "":
+        raise validation_error(
+            "Either prompt or prompt_embeds must be provided and non-empty.", "prompt"
+        )
     if isinstance(prompt, str):
         return [(prompt, count_tokens(prompt))]
     if not prompt:
         raise RequestError(
-            HTTPStatus.BAD_REQUEST, "BadRequestError", "Prompt cannot be empty.", "prompt"
+            HTTPStatus.BAD_REQUEST, "BadRequestError", "You must pass at least one prompt"
         )
     if all(isinstance(p, int) for p in prompt):
         return [(" ".join(map(str, prompt)), len(prompt))]
-    return [
+    prompts = [
         (p, count_tokens(p)) if isinstance(p, str) else (" ".join(map(str, p)), len(p))
         for p in prompt
         if not isinstance(p, int)
     ]
+    if any(tokens == 0 for _, tokens in prompts):
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST, "BadRequestError", "The decoder prompt cannot be empty"
+        )
+    return prompts
 
 
 def _chat_prompt(request: ChatCompletionRequest) -> tuple[str, int]:
+    if not request.messages:
+        raise RequestError(
+            HTTPStatus.BAD_REQUEST,
+            "BadRequestError",
+            "Cannot apply chat template to an empty conversation. Provide at least one message.",
+        )
     contents = []
     for message in request.messages:
         if isinstance(message.content, str):
@@ -145,14 +178,16 @@ def _chat_prompt(request: ChatCompletionRequest) -> tuple[str, int]:
     return "\n".join(contents), chat_prompt_tokens(contents)
 
 
-def _usage(prompt_tokens: int, choices: list[PlannedChoice]) -> dict[str, Any]:
+def _usage(prompt_tokens: int, choices: list[PlannedChoice], details: bool) -> dict[str, Any]:
     completion = sum(len(c.tokens) for c in choices)
-    return {
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion,
         "completion_tokens": completion,
-        "prompt_tokens_details": None,
     }
+    if details:  # the final usage chunk of a stream carries the three counts only
+        usage.update(prompt_tokens_details=None, completion_tokens_details=None)
+    return usage
 
 
 class Generation:
@@ -167,13 +202,17 @@ class Generation:
         prompts: list[tuple[str, int]],
         max_tokens: int | None,
         n: int,
+        temperature: float | None,
+        max_tokens_param: str = "max_tokens",
     ) -> None:
         self.sim = sim
         self.chat = chat
         self.target = target
         self.prompt_tokens = sum(tokens for _, tokens in prompts)
-        self.choices = sim.plan_choices(target, prompts, max_tokens, n)
-        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(16)
+        self.choices = sim.plan_choices(
+            target, prompts, max_tokens, n, temperature, max_tokens_param
+        )
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(8)
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
 
@@ -193,26 +232,31 @@ class Generation:
             text = "".join(choice.tokens)
             body: dict[str, Any] = {"index": index}
             if self.chat:
-                body["message"] = {
-                    "role": "assistant",
-                    "content": text,
-                    "reasoning_content": None,
-                    "tool_calls": [],
-                }
+                body["message"] = {"role": "assistant", "content": text, "refusal": None,
+                                   "annotations": None, "audio": None, "function_call": None,
+                                   "reasoning": None}  # fmt: skip
             else:
                 body["text"] = text
-            body.update(logprobs=None, finish_reason=choice.seq.finish_reason, stop_reason=None)
+            body.update(logprobs=None, finish_reason=choice.seq.finish_reason, stop_reason=None,
+                        token_ids=None)  # fmt: skip
+            if not self.chat:
+                body.update(prompt_logprobs=None, prompt_token_ids=None)
+            body["routed_experts"] = None
             choices.append(body)
         payload = self._envelope(self.object, choices)
-        payload["usage"] = _usage(self.prompt_tokens, self.choices)
-        payload["kv_transfer_params"] = None
-        return web.json_response(payload)
+        payload.update(service_tier=None, system_fingerprint=self.sim.fingerprint,
+                       usage=_usage(self.prompt_tokens, self.choices, details=True))  # fmt: skip
+        if self.chat:
+            payload.update(prompt_logprobs=None, prompt_token_ids=None, prompt_text=None)
+        payload.update(kv_transfer_params=None, ec_transfer_params=None, metrics=None)
+        return json_body(payload)
 
     async def stream(self, request: web.Request, include_usage: bool) -> web.StreamResponse:
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
         for index, choice in enumerate(self.choices):
+            final_choice = index == len(self.choices) - 1
             if self.chat:
                 role = {
                     "index": index,
@@ -220,33 +264,48 @@ class Generation:
                     "logprobs": None,
                     "finish_reason": None,
                 }
-                await _send(response, self._envelope(chunk_object, [role]))
+                opening = self._envelope(chunk_object, [role])
+                opening.update(prompt_token_ids=None, prompt_text=None)
+                await _send(response, opening)
             async with aclosing(self.sim.engine.generate(choice.seq)) as produced:
                 async for position in produced:
+                    chunk = self._token_chunk(chunk_object, index, choice, position)
                     last = position == len(choice.tokens) - 1
-                    token = choice.tokens[position]
-                    body: dict[str, Any] = {"index": index}
-                    if self.chat:
-                        body["delta"] = {"content": token}
-                    else:
-                        body["text"] = token
-                    body.update(
-                        logprobs=None,
-                        finish_reason=choice.seq.finish_reason if last else None,
-                        stop_reason=None,
-                    )
-                    await _send(response, self._envelope(chunk_object, [body]))
+                    if last and final_choice and not include_usage:
+                        chunk["system_fingerprint"] = self.sim.fingerprint
+                    await _send(response, chunk)
         if include_usage:
             final = self._envelope(chunk_object, [])
-            final["usage"] = _usage(self.prompt_tokens, self.choices)
+            final["usage"] = _usage(self.prompt_tokens, self.choices, details=False)
+            final["system_fingerprint"] = self.sim.fingerprint
             await _send(response, final)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
+    def _token_chunk(
+        self, chunk_object: str, index: int, choice: PlannedChoice, position: int
+    ) -> dict[str, Any]:
+        """One token as vLLM streams it (the stop reason only on a choice's last token)."""
+        last = position == len(choice.tokens) - 1
+        token = choice.tokens[position]
+        body: dict[str, Any] = {"index": index}
+        if self.chat:
+            body.update(delta={"content": token}, logprobs=None,
+                        finish_reason=choice.seq.finish_reason if last else None)  # fmt: skip
+            if last:
+                body["stop_reason"] = None
+            body["token_ids"] = None
+        else:
+            body.update(text=token, logprobs=None,
+                        finish_reason=choice.seq.finish_reason if last else None,
+                        stop_reason=None, prompt_token_ids=None, token_ids=None)  # fmt: skip
+        return self._envelope(chunk_object, [body])
+
 
 async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
-    await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    await response.write(b"data: " + data.encode() + b"\n\n")
 
 
 def _include_usage(sim: Simulator, options: StreamOptions | None) -> bool:
@@ -265,6 +324,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         prompts=_prompt_list(body.prompt),
         max_tokens=body.max_tokens,
         n=body.n,
+        temperature=body.temperature,
     )
     if body.stream:
         return await generation.stream(request, _include_usage(sim, body.stream_options))
@@ -276,6 +336,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await parse_body(request, ChatCompletionRequest)
     target = sim.resolve(body.model)
     sim.check_injected_error(body.model)
+    # vLLM names the field the client used when it refuses the value.
+    param = "max_completion_tokens" if body.max_tokens is None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
     generation = Generation(
         sim,
@@ -284,6 +346,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         prompts=[_chat_prompt(body)],
         max_tokens=max_tokens,
         n=body.n,
+        temperature=body.temperature,
+        max_tokens_param=param,
     )
     if body.stream:
         return await generation.stream(request, _include_usage(sim, body.stream_options))
@@ -297,36 +361,36 @@ async def sim_restart(request: web.Request) -> web.Response:
     body = await parse_body(request, RestartRequest)
     server = request.app[SERVER_KEY]
     server.schedule_restart(body.downtime_seconds)
-    return web.json_response({"restarting": True, "downtime_seconds": body.downtime_seconds})
+    return json_body({"restarting": True, "downtime_seconds": body.downtime_seconds})
 
 
 async def sim_unhealthy(request: web.Request) -> web.Response:
     body = await parse_body(request, UnhealthyRequest)
     _sim(request).faults.make_unhealthy(body.seconds)
-    return web.json_response({"unhealthy_seconds": body.seconds})
+    return json_body({"unhealthy_seconds": body.seconds})
 
 
 async def sim_error_rate(request: web.Request) -> web.Response:
     body = await parse_body(request, ErrorRateRequest)
     _sim(request).faults.set_error_rate(body.model, body.rate, body.status)
-    return web.json_response(body.model_dump())
+    return json_body(body.model_dump())
 
 
 async def sim_latency(request: web.Request) -> web.Response:
     body = await parse_body(request, LatencyRequest)
     _sim(request).engine.extra_latency_ms = body.extra_ms
-    return web.json_response(body.model_dump())
+    return json_body(body.model_dump())
 
 
 async def sim_clear_faults(request: web.Request) -> web.Response:
     sim = _sim(request)
     sim.faults.clear()
     sim.engine.extra_latency_ms = 0.0
-    return web.json_response({"cleared": True})
+    return json_body({"cleared": True})
 
 
 async def sim_state(request: web.Request) -> web.Response:
-    return web.json_response(_sim(request).state())
+    return json_body(_sim(request).state())
 
 
 def build_app(sim: Simulator, server: SimServer) -> web.Application:
@@ -337,6 +401,8 @@ def build_app(sim: Simulator, server: SimServer) -> web.Application:
     app[SIMULATOR_KEY] = sim
     app[SERVER_KEY] = server
     app.router.add_get("/health", health)
+    app.router.add_get("/ping", health)  # vLLM's SageMaker-style alias of /health
+    app.router.add_post("/ping", health)
     app.router.add_get("/version", version)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", models)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
+import secrets
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -14,10 +16,12 @@ from simulator.artifacts import AdapterInvalid, AdapterNotFound, read_adapter
 from simulator.engine import Engine, Sequence
 from simulator.faults import Faults
 from simulator.metrics import SimMetrics
-from simulator.protocol import RequestError, not_found_model
+from simulator.protocol import RequestError, not_found_model, validation_error
 from simulator.residency import LoraResidency
 from simulator.settings import SimSettings
 from simulator.textgen import complete
+
+GREEDY_EPSILON = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it means greedy
 
 
 @dataclass(frozen=True)
@@ -55,16 +59,18 @@ class Simulator:
         )
         self.metrics.attach(self.engine)
         self.created = int(time.time())
+        # vLLM's system_fingerprint: the version and a hash of the engine's configuration.
+        config_hash = hashlib.sha256(repr(settings).encode()).hexdigest()[:8]
+        self.fingerprint = f"vllm-{settings.vllm_version}-{config_hash}"
         self.register_startup_adapters()
 
     def register_startup_adapters(self) -> None:
         """`--lora-modules` are registered at start, and again after a simulated restart."""
         for module in self.settings.lora_modules:
             try:
-                artifact = read_adapter(module.path)
+                artifact = read_adapter(module.path, self.settings.max_lora_rank)
             except (AdapterNotFound, AdapterInvalid) as exc:
                 raise ValueError(f"--lora-modules {module.name}={module.path}: {exc}") from exc
-            self._check_rank(artifact.rank)
             self.residency.register(module.name, artifact)
 
     def restart(self) -> None:
@@ -81,7 +87,7 @@ class Simulator:
             return Target(name=base, lora=None, weights_identity=f"base:{self.settings.model}")
         artifact = self.residency.registered.get(requested)
         if artifact is None:
-            raise not_found_model(requested)
+            raise not_found_model(requested, self.settings.base_names)
         return Target(name=requested, lora=requested, weights_identity=artifact.fingerprint)
 
     def check_injected_error(self, requested: str | None) -> None:
@@ -90,33 +96,53 @@ class Simulator:
             raise RequestError(status, "InternalServerError", "Simulated failure (fault injection)")
 
     def plan_choices(
-        self, target: Target, prompts: list[tuple[str, int]], max_tokens: int | None, n: int
+        self,
+        target: Target,
+        prompts: list[tuple[str, int]],
+        max_tokens: int | None,
+        n: int,
+        temperature: float | None = None,
+        max_tokens_param: str = "max_tokens",
     ) -> list[PlannedChoice]:
-        """One sequence per (prompt, sample); validates lengths the way vLLM does."""
+        """One sequence per (prompt, sample); validates the request the way vLLM 0.32 does,
+        and like it clamps max_tokens to what the context has left."""
+        limit = self.settings.max_model_len
         if n < 1:
             raise RequestError(
-                HTTPStatus.BAD_REQUEST, "BadRequestError", f"n must be at least 1, got {n}.", "n"
+                HTTPStatus.BAD_REQUEST, "BadRequestError", f"n must be at least 1, got {n}."
+            )
+        if n > 1 and temperature is not None and temperature < GREEDY_EPSILON:
+            raise RequestError(
+                HTTPStatus.BAD_REQUEST,
+                "BadRequestError",
+                f"n must be 1 when using greedy sampling, got {n}.",
+            )
+        if max_tokens is not None and max_tokens > limit:
+            raise validation_error(
+                f"{max_tokens_param}={max_tokens} cannot be greater than max_model_len="
+                f"{limit}. Please request fewer output tokens.",
+                max_tokens_param,
+                max_tokens,
             )
         choices = []
         for prompt_index, (text, prompt_tokens) in enumerate(prompts):
-            limit = self.settings.max_model_len - prompt_tokens
-            wanted = limit if max_tokens is None else max_tokens
-            if wanted < 1:
-                raise RequestError(
-                    HTTPStatus.BAD_REQUEST,
-                    "BadRequestError",
-                    f"max_tokens must be at least 1, got {wanted}.",
-                    "max_tokens",
+            if prompt_tokens > limit:
+                # vLLM tokenizes with truncation to one token past the limit.
+                seen = min(prompt_tokens, limit + 1)
+                at_least = "at least " if seen == limit + 1 else ""
+                raise validation_error(
+                    f"This model's maximum context length is {limit} tokens. However, your "
+                    f"prompt contains {at_least}{seen} input tokens, which exceeds this limit "
+                    "even without any output tokens. Please reduce the length of the input "
+                    "prompt.",
+                    "input_tokens",
+                    seen,
                 )
-            if wanted > limit:
-                raise RequestError(
-                    HTTPStatus.BAD_REQUEST,
-                    "BadRequestError",
-                    f"This model's maximum context length is {self.settings.max_model_len} "
-                    f"tokens. However, you requested {prompt_tokens + wanted} tokens "
-                    f"({prompt_tokens} in the messages, {wanted} in the completion). Please "
-                    "reduce the length of the messages or completion.",
-                    "max_tokens",
+            room = limit - prompt_tokens
+            wanted = room if max_tokens is None else min(max_tokens, room)
+            if wanted < 1:
+                raise validation_error(
+                    f"max_tokens must be at least 1, got {wanted}.", "max_tokens", wanted
                 )
             for sample in range(n):
                 tokens, finish = complete(target.weights_identity, text, wanted, sample)
@@ -157,16 +183,18 @@ class Simulator:
                 "adapter in place, set 'load_inplace' to True.",
             )
         try:
-            artifact = read_adapter(path)
+            artifact = read_adapter(path, self.settings.max_lora_rank)
         except AdapterNotFound as exc:
             raise RequestError(
                 HTTPStatus.NOT_FOUND, "NotFoundError", f"Loading lora {name} failed: {exc}"
             ) from exc
         except AdapterInvalid as exc:
             raise RequestError(
-                HTTPStatus.BAD_REQUEST, "BadRequestError", f"Loading lora {name} failed: {exc}"
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                "InternalServerError",
+                f"Call to add_lora method failed: Worker failed with error '{exc}', please "
+                "check the stack trace above for the root cause",
             ) from exc
-        self._check_rank(artifact.rank)
         await asyncio.sleep(self.settings.latency.seconds(self.settings.latency.disk_load_ms))
         self.residency.register(name, artifact)
         return f"Success: LoRA adapter '{name}' added successfully."
@@ -186,16 +214,6 @@ class Simulator:
             )
         self.residency.unregister(name)
         return f"Success: LoRA adapter '{name}' removed successfully."
-
-    def _check_rank(self, rank: int) -> None:
-        if rank > self.settings.max_lora_rank:
-            raise RequestError(
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-                "InternalServerError",
-                "Call to add_lora method failed: Worker failed with error 'LoRA rank "
-                f"{rank} is greater than max_lora_rank {self.settings.max_lora_rank}.', "
-                "please check the stack trace above for the root cause",
-            )
 
     # --- listings ---------------------------------------------------------------------
 
@@ -229,7 +247,7 @@ class Simulator:
             "max_model_len": max_model_len,
             "permission": [
                 {
-                    "id": f"modelperm-{name}",
+                    "id": f"modelperm-{secrets.token_hex(8)}",
                     "object": "model_permission",
                     "created": self.created,
                     "allow_create_engine": False,

@@ -1,16 +1,20 @@
 """The vLLM HTTP contract loractl relies on, as a table of request → expected answer.
 
 The table is data: it names adapters by role ({good}, {big}, ...) and never says
-which server it runs against, so the same cases run against the simulator and
-against a real vLLM server (started with runtime LoRA updating enabled and
-`--max-lora-rank` below the rank of the {big} adapter).
+which server it runs against, so the same cases run against the simulator
+(`tests/simulator/test_contract.py`) and against a real vLLM server
+(`tests/real_vllm/test_contract.py`), both started with runtime LoRA updating enabled,
+`--max-lora-rank 8` (below the rank of the {big} adapter) and `--max-model-len 512`.
+When the two disagree, vLLM is right: the simulator is fixed, never the expectation.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -75,7 +79,8 @@ def run_step(client: httpx.Client, step: Step, ctx: Context) -> httpx.Response:
         )
     else:
         response = client.request(step.method, step.path, json=ctx.fill(step.body))
-    where = f"{step.method} {step.path} {ctx.fill(step.body) if step.body else step.raw!r}"
+    sent = ctx.fill(step.body) if step.body else step.raw
+    where = f"{step.method} {step.path} {str(sent)[:300]}"
     assert response.status_code == step.status, (
         f"{where}: expected {step.status}, got {response.status_code}: {response.text[:500]}"
     )
@@ -100,11 +105,34 @@ def run_case(client: httpx.Client, case: Case, ctx: Context) -> None:
         run_step(client, step, ctx)
 
 
+def check_case(url: str, case: Case, base: str, paths: dict[str, str]) -> None:
+    """One case against the server at `url`, with a fresh adapter name of its own."""
+    with httpx.Client(base_url=url, timeout=60.0) as client:
+        run_case(client, case, Context(name=f"lora-{case.id}", base=base, paths=paths))
+
+
+def adapter_roles(root: Path, good: str, good2: str, big: str) -> dict[str, str]:
+    """Every role the table names: three real adapters, and broken ones made from {good}."""
+    paths = {"good": good, "good2": good2, "big": big}
+    (root / "empty").mkdir(parents=True)
+    (root / "no-weights").mkdir()
+    shutil.copy(Path(good) / "adapter_config.json", root / "no-weights")
+    (root / "bad-json").mkdir()
+    (root / "bad-json" / "adapter_config.json").write_text('{"r": 8,')
+    shutil.copytree(good, root / "not-lora")
+    config_file = root / "not-lora" / "adapter_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"peft_type": "IA3"}))
+    for role in ("empty", "no-weights", "bad-json", "not-lora"):
+        paths[role.replace("-", "_")] = str(root / role)
+    return paths
+
+
 # --- shape checks ---------------------------------------------------------------------
 
 
-def is_text_plain(response: httpx.Response, _ctx: Context) -> None:
-    assert response.headers["content-type"].startswith("text/plain"), response.headers
+def untyped_text(response: httpx.Response, _ctx: Context) -> None:
+    # vLLM returns the bare string from its handler: a text body with no content-type.
+    assert "content-type" not in response.headers, response.headers
 
 
 def lists_adapter(role: str) -> Check:
@@ -188,6 +216,7 @@ PROMPT = {"prompt": "The food was", "max_tokens": 5}
 
 CASES: tuple[Case, ...] = (
     Case("health", (Step("GET", "/health", 200),)),
+    Case("ping", (Step("GET", "/ping", 200),)),
     Case("version", (Step("GET", "/version", 200, checks=(lambda r, _c: r.json()["version"],)),)),
     Case("models-base-card", (Step("GET", "/v1/models", 200, checks=(base_card_first,)),)),
     Case("metrics", (Step("GET", "/metrics", 200, checks=(exports_vllm_metrics,)),)),
@@ -207,7 +236,7 @@ CASES: tuple[Case, ...] = (
                 LOAD,
                 200,
                 body=LOAD_GOOD,
-                checks=(is_text_plain,),
+                checks=(untyped_text,),
                 text="Success: LoRA adapter '{name}' added successfully.",
             ),
             Step("GET", "/v1/models", 200, checks=(lists_adapter("good"),)),
@@ -223,7 +252,7 @@ CASES: tuple[Case, ...] = (
                 UNLOAD,
                 200,
                 body={"lora_name": "{name}"},
-                checks=(is_text_plain,),
+                checks=(untyped_text,),
                 text="Success: LoRA adapter '{name}' removed successfully.",
             ),
             Step("GET", "/v1/models", 200, checks=(lacks_adapter,)),
@@ -274,11 +303,26 @@ CASES: tuple[Case, ...] = (
                 "POST",
                 LOAD,
                 404,
-                body={"lora_name": "{name}", "lora_path": "{missing}"},
+                body={"lora_name": "{name}", "lora_path": "no/such/{name}"},
                 error_type="NotFoundError",
-                message_contains="Loading lora {name} failed: No adapter found for {missing}",
+                message_contains="Loading lora {name} failed: No adapter found for no/such/{name}",
             ),
             Step("GET", "/v1/models", 200, checks=(lacks_adapter,)),
+        ),
+    ),
+    Case(
+        # vLLM hides file paths under system roots (/tmp, /home, /var, ...) in every
+        # error message: clients cannot rely on seeing the path they sent.
+        "load-missing-path-hidden",
+        (
+            Step(
+                "POST",
+                LOAD,
+                404,
+                body={"lora_name": "{name}", "lora_path": "/tmp/no-such-dir/{name}"},
+                error_type="NotFoundError",
+                message_contains="Loading lora {name} failed: No adapter found for <path>",
+            ),
         ),
     ),
     Case(
@@ -290,8 +334,44 @@ CASES: tuple[Case, ...] = (
                 404,
                 body={"lora_name": "{name}", "lora_path": "{empty}"},
                 error_type="NotFoundError",
-                message_contains="No adapter found for {empty}",
+                message_contains="Loading lora {name} failed: No adapter found for",
             ),
+        ),
+    ),
+    Case(
+        "load-config-without-weights",
+        (
+            Step(
+                "POST",
+                LOAD,
+                500,
+                body={"lora_name": "{name}", "lora_path": "{no_weights}"},
+                error_type="InternalServerError",
+                message_contains="doesn't contain tensors",
+            ),
+            Step("GET", "/v1/models", 200, checks=(lacks_adapter,)),
+        ),
+    ),
+    Case(
+        "load-config-not-json",
+        (
+            Step(
+                "POST",
+                LOAD,
+                500,
+                body={"lora_name": "{name}", "lora_path": "{bad_json}"},
+                error_type="InternalServerError",
+                message_contains="Call to add_lora method failed: Worker failed with error",
+            ),
+        ),
+    ),
+    Case(
+        # vLLM does not read peft_type: whoever must refuse other PEFT kinds (the sidecar)
+        # has to check for itself.
+        "load-ignores-peft-type",
+        (
+            Step("POST", LOAD, 200, body={"lora_name": "{name}", "lora_path": "{not_lora}"}),
+            Step("POST", UNLOAD, 200, body={"lora_name": "{name}"}),
         ),
     ),
     Case(
@@ -354,7 +434,8 @@ CASES: tuple[Case, ...] = (
                 404,
                 body={"model": "{name}", **PROMPT},
                 error_type="NotFoundError",
-                message_contains="The model `{name}` does not exist.",
+                param="model",
+                message_contains="The model `{name}` does not exist. Valid aliases: {base}.",
             ),
         ),
     ),
@@ -366,8 +447,82 @@ CASES: tuple[Case, ...] = (
                 "/v1/completions",
                 400,
                 body={"model": "{base}"},
-                error_type="Bad Request",
-                param="body.prompt",
+                error_type="BadRequestError",
+                param="prompt",
+                message_contains="Either prompt or prompt_embeds must be provided and "
+                "non-empty. (parameter=prompt)",
+            ),
+        ),
+    ),
+    Case(
+        "completion-empty-prompt",
+        (
+            Step(
+                "POST",
+                "/v1/completions",
+                400,
+                body={"model": "{base}", "prompt": ""},
+                error_type="BadRequestError",
+                param="prompt",
+            ),
+        ),
+    ),
+    Case(
+        "completion-max-tokens-zero",
+        (
+            Step(
+                "POST",
+                "/v1/completions",
+                400,
+                body={"model": "{base}", "prompt": "x", "max_tokens": 0},
+                error_type="BadRequestError",
+                param="max_tokens",
+                message_contains="max_tokens must be at least 1, got 0. "
+                "(parameter=max_tokens, value=0)",
+            ),
+        ),
+    ),
+    Case(
+        "completion-max-tokens-over-context",
+        (
+            Step(
+                "POST",
+                "/v1/completions",
+                400,
+                body={"model": "{base}", "prompt": "x", "max_tokens": 100000},
+                error_type="BadRequestError",
+                param="max_tokens",
+                message_contains="max_tokens=100000 cannot be greater than max_model_len=512.",
+            ),
+        ),
+    ),
+    Case(
+        "completion-prompt-over-context",
+        (
+            Step(
+                "POST",
+                "/v1/completions",
+                400,
+                # Within vLLM's character bound (max chars per token of the tokenizer
+                # times 512), so the token count decides.
+                body={"model": "{base}", "prompt": "soup " * 600, "max_tokens": 1},
+                error_type="BadRequestError",
+                param="input_tokens",
+                message_contains="This model's maximum context length is 512 tokens. However, "
+                "your prompt contains at least 513 input tokens",
+            ),
+        ),
+    ),
+    Case(
+        "completion-greedy-n",
+        (
+            Step(
+                "POST",
+                "/v1/completions",
+                400,
+                body={"model": "{base}", "prompt": "x", "n": 2, "temperature": 0},
+                error_type="BadRequestError",
+                message_contains="n must be 1 when using greedy sampling, got 2.",
             ),
         ),
     ),
@@ -449,6 +604,19 @@ CASES: tuple[Case, ...] = (
                 body={"model": "{base}", "messages": "hi"},
                 error_type="Bad Request",
                 param="body.messages",
+            ),
+        ),
+    ),
+    Case(
+        "chat-empty-messages",
+        (
+            Step(
+                "POST",
+                "/v1/chat/completions",
+                400,
+                body={"model": "{base}", "messages": []},
+                error_type="BadRequestError",
+                message_contains="Cannot apply chat template to an empty conversation.",
             ),
         ),
     ),

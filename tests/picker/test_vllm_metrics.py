@@ -343,8 +343,9 @@ def test_a_simulator_with_requests_in_flight_and_waiting(
         second = pool.submit(complete, sim.url, "b")
         busy = scrape_until(sim.url, lambda o: o.waiting == 1)
         assert [first.result(), second.result()] == [200, 200]
-    assert busy.running_adapters == frozenset({"a"})
-    assert busy.waiting_adapters == frozenset({"b"})
+    # vLLM 0.32 names every adapter with a request in flight in both labels; only the
+    # residency metric tells which one holds the slot.
+    assert busy.running_adapters == busy.waiting_adapters == frozenset({"a", "b"})
     assert busy.gpu_adapters == frozenset({"a"})
     assert busy.kv_cache_usage > 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,24 +12,17 @@ from simulator.adapter_files import write_adapter
 from tests.conftest import SidecarFactory, SimulatorFactory
 from tests.support.hub_cache import cache_snapshot
 from tests.support.metrics import value
+from tests.support.sidecar_scenarios import (
+    bad_adapters_fail_with_reasons,
+    incomplete_copy,
+    initial_sync_then_kubelet_style_edits,
+    server_restart_is_noticed_and_adapters_come_back,
+    source_change_reloads_in_place,
+)
 from tests.support.sidecars import adapter_config
+from tests.support.vllm_api import registered
 
 FAST = ("--time-scale", "0")
-
-
-def registered(sim_url: str) -> dict[str, str]:
-    cards = httpx.get(f"{sim_url}/v1/models", timeout=5.0).json()["data"]
-    return {c["id"]: c["root"] for c in cards if c["parent"]}
-
-
-def completion_text(sim_url: str, model: str) -> str:
-    answer = httpx.post(
-        f"{sim_url}/v1/completions",
-        json={"model": model, "prompt": "How was the soup?", "max_tokens": 10},
-        timeout=5.0,
-    )
-    assert answer.status_code == 200, answer.text
-    return str(answer.json()["choices"][0]["text"])
 
 
 def test_initial_sync_then_kubelet_style_edits(
@@ -40,22 +32,7 @@ def test_initial_sync_then_kubelet_style_edits(
 ) -> None:
     sim = start_simulator(*FAST)
     a, b, c, d = adapters("a"), adapters("b"), adapters("c"), adapters("d")
-    httpx.post(f"{sim.url}/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": c})
-    sidecar = start_sidecar(sim.url, adapter_config({"a": a, "b": b}, ("c",)))
-    status = sidecar.wait_states(a="loaded", b="loaded", c="unloaded")
-    assert registered(sim.url) == {"a": a, "b": b}
-    assert status["config"]["generation"] == 1
-    assert httpx.get(f"{sidecar.url}/readyz").status_code == 200
-    assert value(sidecar.url, "lora_syncer_adapter_status", adapter_name="a") == 1
-    assert (
-        value(sidecar.url, "loractl_sidecar_adapter_state", adapter_name="a", state="loaded") == 1
-    )
-
-    # An edit arrives as a `..data` symlink swap; resync is 30 s, so only the watch can see it.
-    sidecar.publish(adapter_config({"b": b, "d": d}, ("a",)))
-    sidecar.wait_states(timeout=5.0, a="unloaded", d="loaded")
-    assert registered(sim.url) == {"b": b, "d": d}
-    assert sidecar.status()["config"]["generation"] == 2
+    initial_sync_then_kubelet_style_edits(sim.url, start_sidecar, a, b, c, d)
 
 
 def test_source_change_reloads_so_the_name_never_serves_stale_weights(
@@ -64,15 +41,9 @@ def test_source_change_reloads_so_the_name_never_serves_stale_weights(
     adapters: Callable[..., str],
 ) -> None:
     sim = start_simulator(*FAST)
-    v1, v2 = adapters("review-v1"), adapters("review-v2")
-    sidecar = start_sidecar(sim.url, adapter_config({"review": v1}))
-    sidecar.wait_states(review="loaded")
-    before = completion_text(sim.url, "review")
-    sidecar.publish(adapter_config({"review": v2}))
-    sidecar.wait_for(lambda s: s["adapters"]["review"]["path"] == v2, what="reloaded from v2")
-    assert registered(sim.url) == {"review": v2}
-    assert completion_text(sim.url, "review") != before
-    assert sidecar.adapter("review")["state"] == "loaded"
+    source_change_reloads_in_place(
+        sim.url, start_sidecar, adapters("review-v1"), adapters("review-v2")
+    )
 
 
 def test_vllm_restart_is_noticed_and_adapters_come_back(
@@ -81,48 +52,28 @@ def test_vllm_restart_is_noticed_and_adapters_come_back(
     adapters: Callable[..., str],
 ) -> None:
     sim = start_simulator(*FAST)
-    a, b = adapters("a"), adapters("b")
-    sidecar = start_sidecar(sim.url, adapter_config({"a": a, "b": b}))
-    sidecar.wait_states(a="loaded", b="loaded")
-    httpx.post(f"{sim.url}/sim/restart", json={"downtime_seconds": 1.5})
-    sidecar.wait_for(lambda s: not s["vllm"]["reachable"], timeout=5, what="vLLM seen down")
-    assert httpx.get(f"{sidecar.url}/readyz").status_code == 503
-    sim.process.wait_http_ok(f"{sim.url}/health", timeout=10)
-    back = time.monotonic()
-    while registered(sim.url) != {"a": a, "b": b}:
-        assert time.monotonic() - back < 2.0, (
-            f"not re-registered 2 s after health returned: {registered(sim.url)}"
-        )
-        time.sleep(0.02)
-    sidecar.wait_states(a="loaded", b="loaded")
-    assert httpx.get(f"{sidecar.url}/readyz").status_code == 200
+    server_restart_is_noticed_and_adapters_come_back(
+        sim.url,
+        start_sidecar,
+        adapters("a"),
+        adapters("b"),
+        go_down=lambda: httpx.post(f"{sim.url}/sim/restart", json={"downtime_seconds": 1.5}),
+        come_back=lambda: sim.process.wait_http_ok(f"{sim.url}/health", timeout=10),
+    )
 
 
 def test_bad_adapters_fail_with_reasons_while_good_ones_load(
     start_simulator: SimulatorFactory,
     start_sidecar: SidecarFactory,
     adapters: Callable[..., str],
+    tmp_path: Path,
 ) -> None:
     sim = start_simulator(*FAST, "--max-lora-rank", "8")
-    good, big = adapters("good"), adapters("big", rank=16)
-    config = adapter_config(
-        {"good": good, "big": big, "gone": "/nowhere/at/all", "bad-form": "s3://bucket/x"}
+    good = adapters("good")
+    incomplete = incomplete_copy(good, tmp_path / "incomplete")
+    bad_adapters_fail_with_reasons(
+        sim.url, start_sidecar, good, adapters("big", rank=16), incomplete
     )
-    sidecar = start_sidecar(sim.url, config, "--ready-when", "any")
-    sidecar.wait_states(good="loaded", big="failed", gone="failed")
-    assert sidecar.adapter("bad-form")["state"] == "failed"
-    assert registered(sim.url) == {"good": good}
-    big_status = sidecar.adapter("big")
-    assert big_status["last_error"]["reason"] == "bad_artifact"
-    assert "--max-lora-rank" in big_status["last_error"]["message"]
-    assert sidecar.adapter("gone")["last_error"]["reason"] == "bad_artifact"
-    assert sidecar.adapter("bad-form")["last_error"]["reason"] == "invalid_spec"
-    # Backoff: the bad one is retried, later and later, while the good one stays loaded.
-    sidecar.wait_for(lambda s: s["adapters"]["big"]["attempts"] >= 3, timeout=10, what="retries")
-    assert value(sidecar.url, "loractl_sidecar_failures_total", adapter_name="big",
-                 reason="bad_artifact") >= 3  # fmt: skip
-    assert sidecar.adapter("good")["attempts"] == 1
-    assert httpx.get(f"{sidecar.url}/readyz").status_code == 200, "--ready-when any"
 
 
 def test_runtime_updating_disabled_is_reported_as_configuration(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from sidecar.failures import AdapterFailure, FailureReason
 from sidecar.vllm_client import VLLMClient, VLLMError
 from tests.conftest import SimulatorFactory
+from tests.support.sidecar_scenarios import incomplete_copy
 
 FAST = ("--time-scale", "0")
 
@@ -57,7 +59,7 @@ async def failure_of(client: VLLMClient, name: str, path: str) -> AdapterFailure
 
 @pytest.mark.asyncio
 async def test_failures_are_classified(
-    start_simulator: SimulatorFactory, adapters: Callable[..., str]
+    start_simulator: SimulatorFactory, adapters: Callable[..., str], tmp_path: Path
 ) -> None:
     sim = start_simulator(*FAST, "--max-lora-rank", "8")
     client = VLLMClient(sim.url)
@@ -68,6 +70,10 @@ async def test_failures_are_classified(
         big = await failure_of(client, "big", adapters(rank=16))
         assert big.reason is FailureReason.BAD_ARTIFACT
         assert "--max-lora-rank" in big.message
+        # vLLM answers 500 when its worker refuses an adapter: still the artifact's fault.
+        refused = await failure_of(client, "half", incomplete_copy(adapters(), tmp_path / "h"))
+        assert refused.reason is FailureReason.BAD_ARTIFACT
+        assert "Missing required configuration fields" in refused.message
     finally:
         await client.aclose()
 

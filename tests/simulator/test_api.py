@@ -151,7 +151,6 @@ def test_force_include_usage_adds_the_usage_chunk(start_simulator: SimulatorFact
         "prompt_tokens": 1,
         "completion_tokens": 3,
         "total_tokens": 4,
-        "prompt_tokens_details": None,
     }
 
 
@@ -165,10 +164,24 @@ def test_batch_prompts_and_n_give_one_choice_each(start_simulator: SimulatorFact
     assert answer["usage"]["completion_tokens"] == 16
 
 
-def test_context_length_is_enforced(start_simulator: SimulatorFactory) -> None:
+def test_context_length_is_enforced_like_vllm_0_32(start_simulator: SimulatorFactory) -> None:
     sim = start_simulator(*FAST, "--max-model-len", "32")
     with sim.client() as client:
-        answer = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 100})
-    assert answer.status_code == 400
-    assert answer.json()["error"]["type"] == "BadRequestError"
-    assert "maximum context length is 32 tokens" in answer.json()["error"]["message"]
+        too_many = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 100})
+        too_long = client.post("/v1/completions", json={"prompt": "soup " * 40, "max_tokens": 1})
+        # A prompt that fits leaves what room it can: max_tokens is clamped, not refused.
+        clamped = client.post("/v1/completions", json={"prompt": "soup " * 30, "max_tokens": 9})
+    assert too_many.status_code == 400
+    assert too_many.json()["error"] == {
+        "message": "max_tokens=100 cannot be greater than max_model_len=32. Please request "
+        "fewer output tokens. (parameter=max_tokens, value=100)",
+        "type": "BadRequestError",
+        "param": "max_tokens",
+        "code": 400,
+    }
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["param"] == "input_tokens"
+    assert "your prompt contains at least 33 input tokens" in too_long.json()["error"]["message"]
+    assert clamped.status_code == 200, clamped.text
+    assert clamped.json()["usage"]["total_tokens"] == 32
+    assert clamped.json()["choices"][0]["finish_reason"] == "length"

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from simulator.adapter_files import write_adapter
-from tests.contract.vllm_contract import CASES, Case, Context, run_case
+from tests.contract.vllm_contract import CASES, Case, adapter_roles, check_case
 from tests.support.simulators import simulator_process
 
 BASE = "contract-base"
@@ -19,14 +18,12 @@ def contract_target(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[str, dict[str, str]]]:
     root = tmp_path_factory.mktemp("contract")
-    paths = {
-        "good": str(write_adapter(root / "good", rank=8, seed=1)),
-        "good2": str(write_adapter(root / "good2", rank=8, seed=2)),
-        "big": str(write_adapter(root / "big", rank=16, seed=3)),
-        "missing": str(root / "does-not-exist"),
-        "empty": str(root / "empty"),
-    }
-    (root / "empty").mkdir()
+    paths = adapter_roles(
+        root / "roles",
+        good=str(write_adapter(root / "good", rank=8, seed=1)),
+        good2=str(write_adapter(root / "good2", rank=8, seed=2)),
+        big=str(write_adapter(root / "big", rank=16, seed=3)),
+    )
     process, url = simulator_process(
         root / "logs",
         "--served-model-name",
@@ -35,6 +32,8 @@ def contract_target(
         "8",
         "--max-loras",
         "2",
+        "--max-model-len",
+        "512",
         "--time-scale",
         "0",
         env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"},
@@ -50,5 +49,4 @@ def contract_target(
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_contract(case: Case, contract_target: tuple[str, dict[str, str]]) -> None:
     url, paths = contract_target
-    with httpx.Client(base_url=url, timeout=10.0) as client:
-        run_case(client, case, Context(name=f"lora-{case.id}", base=BASE, paths=paths))
+    check_case(url, case, BASE, paths)

@@ -41,8 +41,10 @@ def test_three_adapters_on_two_slots_swap_and_wait(
             load(client, name, adapters(name))
 
     def third_is_waiting() -> bool:
+        # As in vLLM 0.32, both labels name every adapter with a request in flight.
         return any(
-            name == "vllm:lora_requests_info" and labels["waiting_lora_adapters"] == "c"
+            name == "vllm:lora_requests_info"
+            and labels["running_lora_adapters"] == labels["waiting_lora_adapters"] == "a,b,c"
             for name, labels, _ in samples(sim.url)
         )
 
@@ -52,6 +54,7 @@ def test_three_adapters_on_two_slots_swap_and_wait(
         third = pool.submit(complete, sim.url, "c")
         wait_for(third_is_waiting)
         assert value(sim.url, "vllm:num_requests_waiting") == 1
+        assert value(sim.url, "vllm:num_requests_waiting_by_reason", reason="deferred") == 1
         answers = [f.result() for f in (*first, third)]
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert [a.json()["model"] for a in answers] == ["a", "b", "c"]
@@ -88,7 +91,9 @@ def test_unregistered_adapter_is_404(start_simulator: SimulatorFactory) -> None:
     sim = start_simulator("--time-scale", "0")
     answer = complete(sim.url, "never-loaded")
     assert answer.status_code == 404
-    assert answer.json()["error"]["message"] == "The model `never-loaded` does not exist."
+    assert answer.json()["error"]["message"] == (
+        "The model `never-loaded` does not exist. Valid aliases: meta-llama/Llama-3.1-8B-Instruct."
+    )
 
 
 def test_lora_adapter_loaded_metric_shows_residency_when_enabled(
