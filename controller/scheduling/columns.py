@@ -26,8 +26,8 @@ _NOTHING: frozenset[str] = frozenset()
 def changed_positions(new: Sequence[object], old: Sequence[object]) -> list[int]:
     """The positions where `new` holds another object than `old` (same lengths).
 
-    One pass in C: the usual answer is "none", and a Python loop over the endpoints would
-    cost as much as the scoring the columns save.
+    One pass in C: the usual answer is "none", and a Python loop over every endpoint on
+    every request is the cost the columns exist to avoid.
     """
     return list(compress(range(len(new)), map(is_not, new, old)))
 
