@@ -1,4 +1,6 @@
-"""Filters: which endpoints a request may go to at all. Each keeps the input order.
+"""Filters: which endpoints a request may go to at all. Each takes and returns candidate
+indices into the pipeline's columns, keeping their order, and returns its input list
+itself when it keeps every candidate (later plugins then read whole columns).
 
 Also the saturation check the caller uses to shed Sheddable requests (429): it is not
 a filter (it never removes endpoints), but it reads the same per-endpoint figures.
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from controller.inventory import EndpointView
+from controller.scheduling.columns import Columns
 from controller.scheduling.residency import registration
 from controller.scheduling.types import SchedulingRequest
 
@@ -19,8 +22,13 @@ class ReadyFilter:
     name: Final = "ready"
     kind: Final = "filter"
 
-    def filter(self, request: SchedulingRequest, views: list[EndpointView]) -> list[EndpointView]:
-        return [view for view in views if view.ready]
+    def filter(
+        self, request: SchedulingRequest, columns: Columns, candidates: list[int]
+    ) -> list[int]:
+        if columns.all_ready:  # the usual case: no pass over the candidates
+            return candidates
+        ready = columns.ready
+        return [i for i in candidates if ready[i]]
 
 
 class SubsetFilter:
@@ -29,11 +37,14 @@ class SubsetFilter:
     name: Final = "subset"
     kind: Final = "filter"
 
-    def filter(self, request: SchedulingRequest, views: list[EndpointView]) -> list[EndpointView]:
+    def filter(
+        self, request: SchedulingRequest, columns: Columns, candidates: list[int]
+    ) -> list[int]:
         subset = request.subset
         if subset is None:
-            return views
-        return [view for view in views if view.address in subset]
+            return candidates
+        address = columns.address
+        return [i for i in candidates if address[i] in subset]
 
 
 class AdapterRegisteredFilter:
@@ -54,15 +65,22 @@ class AdapterRegisteredFilter:
     name: Final = "adapter-registered"
     kind: Final = "filter"
 
-    def filter(self, request: SchedulingRequest, views: list[EndpointView]) -> list[EndpointView]:
+    def filter(
+        self, request: SchedulingRequest, columns: Columns, candidates: list[int]
+    ) -> list[int]:
         if not request.is_adapter:
-            return views
+            return candidates
         target = request.target
-        known = [view for view in views if target in view.loaded]
+        if candidates is columns.everyone:
+            known = columns.holding(target)  # cached per adapter while registrations stand
+        else:
+            loaded = columns.loaded
+            known = [i for i in candidates if target in loaded[i]]
         if known:
-            return views if len(known) == len(views) else known
-        unknown = [view for view in views if registration(view, target) is None]
-        return unknown or views
+            return candidates if len(known) == len(candidates) else known
+        views = columns.views
+        unknown = [i for i in candidates if registration(views[i], target) is None]
+        return unknown or candidates
 
 
 @dataclass(frozen=True)

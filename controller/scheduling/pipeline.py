@@ -1,6 +1,6 @@
 """The scheduling pipeline: filters → weighted scorers → picker. No I/O; the only state
-it changes is the residency tracker's, and it reads the clock only when the caller
-passes no `now`.
+it changes is the residency tracker's and its own columns (a cache of the views' figures,
+see columns.py), and it reads the clock only when the caller passes no `now`.
 
 `schedule` records the assignment of the chosen endpoint in the residency tracker
 itself, so that a caller cannot forget it: call it only for a request that will be
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Literal, Protocol
 
 from controller.inventory import EndpointView
+from controller.scheduling.columns import Columns
 from controller.scheduling.filters import ReadyFilter, SaturationThresholds, SubsetFilter, saturated
 from controller.scheduling.residency import ResidencyTracker
 from controller.scheduling.types import Affinity, Criticality, SchedulingRequest, SchedulingResult
@@ -23,27 +24,29 @@ TOTAL: Literal["total"] = "total"
 
 
 class Filter(Protocol):
-    """Keeps the endpoints a request may go to, in input order (returning `views` itself
-    when it keeps them all saves a copy)."""
+    """Keeps the candidates (indices into `columns`) a request may go to, in input order.
+    It returns `candidates` itself when it keeps them all: that saves a copy, and tells
+    later plugins that they may read whole columns (`columns.everyone`)."""
 
     @property
     def name(self) -> str: ...
     @property
     def kind(self) -> Literal["filter"]: ...
     def filter(
-        self, request: SchedulingRequest, views: list[EndpointView]
-    ) -> list[EndpointView]: ...
+        self, request: SchedulingRequest, columns: Columns, candidates: list[int]
+    ) -> list[int]: ...
 
 
 class Scorer(Protocol):
-    """Rates every candidate in [0, 1], higher is better: one score per view, in order."""
+    """Rates every candidate in [0, 1], higher is better: one score per candidate index,
+    in order."""
 
     @property
     def name(self) -> str: ...
     @property
     def kind(self) -> Literal["scorer"]: ...
     def score(
-        self, request: SchedulingRequest, views: list[EndpointView], now: float
+        self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
     ) -> list[float]: ...
 
 
@@ -76,6 +79,7 @@ class Pipeline:
         self.residency = residency
         self.saturation = saturation or SaturationThresholds()
         self._names = tuple(names)
+        self._columns = Columns()
         # The candidates the saturation check looks at: those the request could reach.
         self._reachable = (ReadyFilter(), SubsetFilter())
 
@@ -89,21 +93,20 @@ class Pipeline:
         `time.monotonic()` reading; it dates the assignment recorded for the first endpoint.
         """
         now = time.monotonic() if now is None else now
-        candidates = views
-        for step in self.filters:
-            candidates = step.filter(request, candidates)
-            if not candidates:
-                return SchedulingResult([], _affinity_of_nothing(request))
-        columns = [scorer.score(request, candidates, now) for scorer in self.scorers]
-        totals = _weighted_sum(columns, self.weights, len(candidates))
+        candidates = self._candidates(request, views, self.filters)
+        if not candidates:
+            return SchedulingResult([], _affinity_of_nothing(request))
+        columns = self._columns
+        scores = [scorer.score(request, columns, candidates, now) for scorer in self.scorers]
+        totals = _weighted_sum(scores, self.weights, len(candidates))
         chosen = self.picker.pick(totals)
-        first = candidates[chosen[0]]
+        endpoints = [columns.views[candidates[index]] for index in chosen]
         return SchedulingResult(
-            endpoints=[candidates[index] for index in chosen],
-            affinity=self._assign(request, first, now),
+            endpoints=endpoints,
+            affinity=self._assign(request, endpoints[0], now),
             scores={
-                candidates[index].endpoint.address: self._scores_of(index, columns, totals)
-                for index in chosen
+                view.address: self._scores_of(index, scores, totals)
+                for view, index in zip(endpoints, chosen, strict=True)
             },
         )
 
@@ -112,10 +115,21 @@ class Pipeline:
         could reach (ready, in the subset hint) is saturated."""
         if request.criticality is not Criticality.SHEDDABLE:
             return False
-        reachable = views
-        for step in self._reachable:
-            reachable = step.filter(request, reachable)
-        return saturated(reachable, self.saturation)
+        reachable = self._candidates(request, views, self._reachable)
+        return saturated([self._columns.views[i] for i in reachable], self.saturation)
+
+    def _candidates(
+        self, request: SchedulingRequest, views: list[EndpointView], filters: Sequence[Filter]
+    ) -> list[int]:
+        """The indices into `views` that pass `filters`; the columns now describe `views`."""
+        columns = self._columns
+        columns.update(views)
+        candidates = columns.everyone
+        for step in filters:
+            candidates = step.filter(request, columns, candidates)
+            if not candidates:
+                break
+        return candidates
 
     def _assign(self, request: SchedulingRequest, view: EndpointView, now: float) -> Affinity:
         if not request.is_adapter:
@@ -131,11 +145,11 @@ class Pipeline:
         return affinity
 
     def _scores_of(
-        self, index: int, columns: list[list[float]], totals: list[float]
+        self, index: int, scores: list[list[float]], totals: list[float]
     ) -> dict[str, float]:
-        scores = {name: column[index] for name, column in zip(self._names, columns, strict=True)}
-        scores[TOTAL] = totals[index]
-        return scores
+        by_name = {name: column[index] for name, column in zip(self._names, scores, strict=True)}
+        by_name[TOTAL] = totals[index]
+        return by_name
 
 
 def _affinity_of_nothing(request: SchedulingRequest) -> Affinity:

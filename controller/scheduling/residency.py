@@ -37,9 +37,9 @@ Single-threaded by design: the picker calls it from one event loop.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 from controller.inventory import EndpointView, MetricsObservation
+from controller.scheduling.columns import Columns, changed_positions
 from controller.scheduling.types import Affinity
 from sidecar.status import AdapterState
 
@@ -121,6 +121,20 @@ class ResidencyTracker:
         self.default_max_lora = default_max_lora
         self.idle_seconds = idle_seconds
         self._endpoints: dict[str, _Memory] = {}
+        # The memory column: the memory of each view `classify_all` last saw, by position,
+        # so that the hot path reads one list item per candidate instead of a dictionary
+        # lookup and two freshness checks. What can make an entry out of date is tracked
+        # instead: a new view at that position (`_pending` until the position is a
+        # candidate: an estimate is brought up to date only when it is read, as when it
+        # was looked up per request, so it sees the same scrapes), an assignment
+        # (`_stale`), the earliest expiry of a remembered use (`_next_expiry`, a lower
+        # bound), and `forget`, which replaces memory objects (`_forgotten`).
+        self._views: list[EndpointView] = []
+        self._column: list[_Memory] = []
+        self._pending: set[int] = set()
+        self._stale: list[_Memory] = []
+        self._next_expiry = math.inf
+        self._forgotten = False
 
     def record_assignment(
         self, address: str, adapter: str, now: float, max_lora: int | None = None
@@ -138,43 +152,63 @@ class ResidencyTracker:
             # recent ones and the estimate stands (at worst it is re-derived at an
             # expiry that no longer applies: that costs time, not correctness).
             memory.valid_until = -math.inf
+            self._stale.append(memory)
 
     def forget(self, address: str) -> None:
         """Drop everything remembered about an endpoint. Call it when the endpoint leaves
         the pool (memory is kept per address until then), turns unready, or its address
         now belongs to another pod."""
-        self._endpoints.pop(address, None)
+        if self._endpoints.pop(address, None) is not None:
+            self._forgotten = True
 
     def classify(self, view: EndpointView, adapter: str, now: float) -> Affinity:
         """Where `adapter` stands on the endpoint: HOT, WARM, COLD or MISSING (see module doc)."""
-        return self.classify_all((view,), adapter, now)[0]
+        memory = self._endpoints.get(view.address)
+        if memory is None or memory.view is not view or now >= memory.valid_until:
+            memory = self._refresh(view, now)
+        return _classify([view], [view.loaded], [memory], [0], adapter)[0]
 
     def classify_all(
-        self, views: Sequence[EndpointView], adapter: str, now: float
+        self, columns: Columns, candidates: list[int], adapter: str, now: float
     ) -> list[Affinity]:
-        """`classify` for every view, in order: the affinity scorer's hot path."""
-        missing, hot = Affinity.MISSING, Affinity.HOT
-        return [
-            missing
-            if adapter not in view.loaded and registration(view, adapter) is False
-            else hot
-            if adapter in memory.resident
-            else memory.absent
-            for view, memory in zip(views, self._current(views, now), strict=True)
-        ]
+        """`classify` for the candidates (indices into `columns`), in order: the affinity
+        scorer's hot path."""
+        memories = self._sync(columns.views, candidates, now)
+        return _classify(columns.views, columns.loaded, memories, candidates, adapter)
 
-    def _current(self, views: Sequence[EndpointView], now: float) -> list[_Memory]:
-        """Each view's memory, with an up-to-date estimate: one identity check and one
-        clock comparison per endpoint while its view and our assignments stay the same."""
-        endpoints = self._endpoints
-        return [
-            memory
-            if (memory := endpoints.get(view.address)) is not None
-            and memory.view is view
-            and now < memory.valid_until
-            else self._refresh(view, now)
-            for view in views
-        ]
+    def _sync(self, views: list[EndpointView], candidates: list[int], now: float) -> list[_Memory]:
+        """The memory column for `views`, up to date at the candidates' positions."""
+        column, pending = self._column, self._pending
+        if self._forgotten or len(views) != len(self._views):
+            self._views = list(views)
+            column = self._column = [self._memory(view.address) for view in views]
+            pending.update(range(len(views)))
+            self._forgotten = False
+        else:
+            for index in changed_positions(views, self._views):
+                self._views[index] = views[index]
+                pending.add(index)
+        if pending:
+            due = pending.intersection(candidates)
+            for index in due:
+                memory = column[index] = self._refresh(views[index], now)
+                self._next_expiry = min(self._next_expiry, memory.valid_until)
+            pending -= due
+        if self._stale:
+            for memory in self._stale:
+                if now >= memory.valid_until and memory.view is not None:
+                    self._derive(memory, memory.view, now)
+            self._stale.clear()
+        if now >= self._next_expiry:
+            # Positions still pending keep their old view until they are read.
+            for index, memory in enumerate(column):
+                if now >= memory.valid_until and index not in pending:
+                    self._derive(memory, views[index], now)
+            self._next_expiry = min(
+                (memory.valid_until for i, memory in enumerate(column) if i not in pending),
+                default=math.inf,
+            )
+        return column
 
     def _refresh(self, view: EndpointView, now: float) -> _Memory:
         memory = self._memory(view.address)
@@ -228,6 +262,28 @@ class ResidencyTracker:
                 memory.valid_until = min(memory.valid_until, used_at + self.idle_seconds)
         memory.resident = active.union(remembered) if remembered else active
         memory.absent = _absent(used, capacity)
+        self._next_expiry = min(self._next_expiry, memory.valid_until)
+
+
+def _classify(
+    views: list[EndpointView],
+    loaded: list[frozenset[str]],
+    memories: list[_Memory],
+    candidates: list[int],
+    adapter: str,
+) -> list[Affinity]:
+    """The affinity at each candidate index, from index-aligned views, their `loaded` sets
+    and up-to-date memories. Known not registered comes first (MISSING); `loaded` answers
+    most endpoints without the slower `registration`."""
+    missing, hot = Affinity.MISSING, Affinity.HOT
+    return [
+        missing
+        if adapter not in loaded[i] and registration(views[i], adapter) is False
+        else hot
+        if adapter in (memory := memories[i]).resident
+        else memory.absent
+        for i in candidates
+    ]
 
 
 def _absent(used: int, capacity: int) -> Affinity:

@@ -2,7 +2,9 @@
 
 A scorer sees the whole candidate list at once, because relative scores need the
 spread across candidates and because one list comprehension per scorer is far cheaper
-in CPython than a call per endpoint. The pipeline multiplies by the profile's weights.
+in CPython than a call per endpoint. Candidates are indices into the pipeline's columns
+(see columns.py), whose figures are read once per changed view rather than per request.
+The pipeline multiplies by the profile's weights.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Mapping
 from operator import attrgetter
 from typing import Final, cast
 
-from controller.inventory import EndpointView
+from controller.scheduling.columns import Columns, known_or
 from controller.scheduling.residency import ResidencyTracker
 from controller.scheduling.types import Affinity, SchedulingRequest
 
@@ -54,11 +56,11 @@ class LoraAffinityScorer:
         self._residency = residency
 
     def score(
-        self, request: SchedulingRequest, views: list[EndpointView], now: float
+        self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
     ) -> list[float]:
         if not request.is_adapter:
-            return [1.0] * len(views)  # the base model is always loaded
-        affinities = self._residency.classify_all(views, request.target, now)
+            return [1.0] * len(candidates)  # the base model is always loaded
+        affinities = self._residency.classify_all(columns, candidates, request.target, now)
         return list(map(AFFINITY_SCORES.__getitem__, affinities))
 
 
@@ -91,10 +93,10 @@ def relative_load(loads: list[int | None], scale: float) -> list[float]:
 
 
 class _RelativeLoadScorer:
-    """Scores one load figure of vLLM's metrics with `relative_load`."""
+    """Scores one load column (a figure of vLLM's metrics) with `relative_load`."""
 
     kind: Final = "scorer"
-    _figure: attrgetter[int]
+    _column: attrgetter[list[int | None]]
 
     def __init__(self, scale: float) -> None:
         if scale <= 0:
@@ -102,18 +104,16 @@ class _RelativeLoadScorer:
         self._scale = scale
 
     def score(
-        self, request: SchedulingRequest, views: list[EndpointView], now: float
+        self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
     ) -> list[float]:
-        figure = self._figure
-        loads = [figure(m) if (m := view.metrics) is not None else None for view in views]
-        return relative_load(loads, self._scale)
+        return relative_load(columns.gather(self._column(columns), candidates), self._scale)
 
 
 class QueueScorer(_RelativeLoadScorer):
     """Fewer waiting requests is better: a waiting request means the pod is already full."""
 
     name: Final = "queue"
-    _figure = attrgetter("waiting")
+    _column = attrgetter("waiting")
 
     def __init__(self, scale: float = QUEUE_SCALE) -> None:
         super().__init__(scale)
@@ -124,7 +124,7 @@ class RunningRequestsScorer(_RelativeLoadScorer):
     but mildly, hence a larger default scale than the queue's."""
 
     name: Final = "running-requests"
-    _figure = attrgetter("running")
+    _column = attrgetter("running")
 
     def __init__(self, scale: float = RUNNING_SCALE) -> None:
         super().__init__(scale)
@@ -137,8 +137,6 @@ class KvCacheScorer:
     kind: Final = "scorer"
 
     def score(
-        self, request: SchedulingRequest, views: list[EndpointView], now: float
+        self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
     ) -> list[float]:
-        return [
-            1.0 - m.kv_cache_usage if (m := view.metrics) is not None else NEUTRAL for view in views
-        ]
+        return known_or(columns.gather(columns.kv_free, candidates), NEUTRAL)

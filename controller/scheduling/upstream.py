@@ -50,6 +50,7 @@ from __future__ import annotations
 from typing import Final
 
 from controller.inventory import EndpointView
+from controller.scheduling.columns import Columns, known_or
 from controller.scheduling.types import SchedulingRequest
 
 UPSTREAM_PROFILE: Final = """\
@@ -68,9 +69,9 @@ class UpstreamQueueScorer:
     kind: Final = "scorer"
 
     def score(
-        self, request: SchedulingRequest, views: list[EndpointView], now: float
+        self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
     ) -> list[float]:
-        depths = [m.waiting if (m := view.metrics) is not None else 0 for view in views]
+        depths = known_or(columns.gather(columns.waiting, candidates), 0)
         low, high = min(depths), max(depths)
         if high == low:
             return [1.0] * len(depths)
@@ -83,11 +84,9 @@ class UpstreamKvCacheScorer:
     kind: Final = "scorer"
 
     def score(
-        self, request: SchedulingRequest, views: list[EndpointView], now: float
+        self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
     ) -> list[float]:
-        return [
-            1.0 - m.kv_cache_usage if (m := view.metrics) is not None else 1.0 for view in views
-        ]
+        return known_or(columns.gather(columns.kv_free, candidates), 1.0)
 
 
 class UpstreamLoraAffinityScorer:
@@ -95,10 +94,10 @@ class UpstreamLoraAffinityScorer:
     kind: Final = "scorer"
 
     def score(
-        self, request: SchedulingRequest, views: list[EndpointView], now: float
+        self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
     ) -> list[float]:
-        target = request.target
-        return [_affinity(view, target) for view in views]
+        target, views = request.target, columns.views
+        return [_affinity(views[i], target) for i in candidates]
 
 
 def _affinity(view: EndpointView, target: str) -> float:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import pytest
 
 from controller.inventory import Endpoint, EndpointView, MetricsObservation
+from controller.scheduling.columns import Columns
 from controller.scheduling.residency import ResidencyTracker, registration
 from controller.scheduling.types import Affinity
 
@@ -199,8 +200,44 @@ def test_classify_all_matches_classify_per_endpoint() -> None:
         blind_view("10.0.0.4:8000"),
     ]
     expected = [HOT, MISSING, COLD, WARM]
-    assert tracker.classify_all(views, "a", 0.0) == expected
+    columns = Columns()
+    columns.update(views)
+    assert tracker.classify_all(columns, [0, 1, 2, 3], "a", 0.0) == expected
+    assert tracker.classify_all(columns, [3, 0], "a", 0.0) == [WARM, HOT]
     assert [tracker.classify(view, "a", 0.0) for view in views] == expected
+
+
+def test_classify_all_follows_new_views_assignments_expiry_and_forget() -> None:
+    """classify_all keeps each endpoint's memory by position between calls: every way an
+    estimate goes out of date must reach it."""
+    tracker = ResidencyTracker(idle_seconds=10.0)
+    columns = Columns()
+    first, second = make_view("10.0.0.1:8000"), make_view("10.0.0.2:8000")
+    columns.update([first, second])
+    assert tracker.classify_all(columns, [0, 1], "a", 0.0) == [WARM, WARM]
+    tracker.record_assignment("10.0.0.2:8000", "a", 1.0)
+    assert tracker.classify_all(columns, [0, 1], "a", 2.0) == [WARM, HOT]
+    columns.update([make_view("10.0.0.1:8000", observed=metrics(running=["a"])), second])
+    assert tracker.classify_all(columns, [0, 1], "a", 3.0) == [HOT, HOT]
+    assert tracker.classify_all(columns, [0, 1], "a", 11.0) == [HOT, WARM]  # ours expired
+    tracker.record_assignment("10.0.0.2:8000", "a", 12.0)
+    tracker.forget("10.0.0.2:8000")
+    assert tracker.classify_all(columns, [0, 1], "a", 13.0) == [HOT, WARM]
+
+
+def test_classify_all_reads_an_endpoint_only_while_it_is_a_candidate() -> None:
+    """A scrape that came and went while the endpoint was filtered out is never seen, as
+    when every estimate was looked up per request: the estimate depends on the
+    observations, not on which other requests were scheduled meanwhile."""
+    tracker = ResidencyTracker()
+    columns = Columns()
+    other = make_view("10.0.0.1:8000")
+    columns.update([other, make_view("10.0.0.2:8000")])
+    assert tracker.classify_all(columns, [0, 1], "c", 0.0) == [WARM, WARM]
+    columns.update([other, make_view("10.0.0.2:8000", observed=metrics(running=["c"]))])
+    assert tracker.classify_all(columns, [0], "c", 1.0) == [WARM]
+    columns.update([other, make_view("10.0.0.2:8000")])
+    assert tracker.classify_all(columns, [0, 1], "c", 2.0) == [WARM, WARM]
 
 
 def test_a_repeat_assignment_of_a_resident_adapter_keeps_the_estimate_right() -> None:

@@ -11,6 +11,7 @@ from typing import Any, Final
 import pytest
 
 from controller.inventory import EndpointView
+from controller.scheduling.columns import Columns
 from controller.scheduling.filters import (
     AdapterRegisteredFilter,
     ReadyFilter,
@@ -19,7 +20,7 @@ from controller.scheduling.filters import (
     saturated,
 )
 from controller.scheduling.pickers import MaxScorePicker
-from controller.scheduling.pipeline import TOTAL, Pipeline, Scorer
+from controller.scheduling.pipeline import TOTAL, Filter, Pipeline, Scorer
 from controller.scheduling.profile import (
     DEFAULT_PROFILE,
     UPSTREAM_PROFILE,
@@ -65,19 +66,53 @@ def addresses(views: list[EndpointView]) -> list[str]:
     return [view.address for view in views]
 
 
+def columns_of(views: list[EndpointView]) -> Columns:
+    columns = Columns()
+    columns.update(views)
+    return columns
+
+
+def filtered(
+    step: Filter, request: SchedulingRequest, views: list[EndpointView]
+) -> list[EndpointView]:
+    """The views `step` keeps when every endpoint is a candidate."""
+    columns = columns_of(views)
+    return [views[i] for i in step.filter(request, columns, columns.everyone)]
+
+
+def keeps_all(step: Filter, request: SchedulingRequest, views: list[EndpointView]) -> bool:
+    """Whether `step` hands back its candidate list itself, as filters do when keeping all."""
+    columns = columns_of(views)
+    return step.filter(request, columns, columns.everyone) is columns.everyone
+
+
+def scored(
+    scorer: Scorer,
+    request: SchedulingRequest,
+    views: list[EndpointView],
+    now: float,
+    candidates: list[int] | None = None,
+) -> list[float]:
+    """`scorer`'s scores for `candidates` (indices into `views`; default: every view)."""
+    columns = columns_of(views)
+    return scorer.score(
+        request, columns, columns.everyone if candidates is None else candidates, now
+    )
+
+
 # --- filters -------------------------------------------------------------------------
 
 
 def test_ready_filter_drops_unready_endpoints() -> None:
     views = [make_view(A), make_view(B, ready=False), make_view(C)]
-    assert addresses(ReadyFilter().filter(adapter_request(), views)) == [A, C]
+    assert addresses(filtered(ReadyFilter(), adapter_request(), views)) == [A, C]
 
 
 def test_subset_filter_keeps_only_the_hint_in_input_order() -> None:
     views = [make_view(A), make_view(B), make_view(C)]
-    assert SubsetFilter().filter(adapter_request(), views) is views
+    assert keeps_all(SubsetFilter(), adapter_request(), views)
     hinted = adapter_request(subset=frozenset({C, A, "10.9.9.9:8000"}))
-    assert addresses(SubsetFilter().filter(hinted, views)) == [A, C]
+    assert addresses(filtered(SubsetFilter(), hinted, views)) == [A, C]
 
 
 def test_adapter_registered_filter_prefers_known_registration() -> None:
@@ -87,7 +122,7 @@ def test_adapter_registered_filter_prefers_known_registration() -> None:
         make_view(C, registered=["a"]),  # listed by vLLM
         make_view(D, registered=["b"], sidecar={"a": "loaded"}),  # loaded, not listed yet
     ]
-    assert addresses(AdapterRegisteredFilter().filter(adapter_request(), views)) == [C, D]
+    assert addresses(filtered(AdapterRegisteredFilter(), adapter_request(), views)) == [C, D]
 
 
 def test_adapter_registered_filter_falls_back_to_unknown_then_to_all() -> None:
@@ -95,18 +130,29 @@ def test_adapter_registered_filter_falls_back_to_unknown_then_to_all() -> None:
     missing = make_view(A, registered=["b"])
     failed = make_view(C, registered=None, sidecar={"a": "failed"})
     unknown = make_view(B, registered=None)
-    assert addresses(step.filter(adapter_request(), [missing, unknown, failed])) == [B]
+    assert addresses(filtered(step, adapter_request(), [missing, unknown, failed])) == [B]
     # Nobody has it: a backend's own 404 beats a 503 from an empty candidate list.
     nowhere = [missing, failed]
-    assert step.filter(adapter_request(), nowhere) == nowhere
+    assert filtered(step, adapter_request(), nowhere) == nowhere
+
+
+def test_adapter_registered_filter_reads_only_its_candidates() -> None:
+    views = [make_view(A, registered=["a"]), make_view(B, registered=["b"]), make_view(C)]
+    columns = columns_of(views)
+    step = AdapterRegisteredFilter()
+    assert step.filter(adapter_request(), columns, columns.everyone) == [0, 2]
+    assert step.filter(adapter_request(), columns, [1, 2]) == [2]
+    # A new registration at one position is seen by the next decision.
+    columns.update([views[0], make_view(B, registered=["a"]), views[2]])
+    assert step.filter(adapter_request(), columns, columns.everyone) is columns.everyone
 
 
 def test_adapter_registered_filter_passes_base_requests_and_full_pools_through() -> None:
     step = AdapterRegisteredFilter()
     views = [make_view(A, registered=["b"]), make_view(B)]
-    assert step.filter(BASE_REQUEST, views) is views
+    assert keeps_all(step, BASE_REQUEST, views)
     everywhere = [make_view(A), make_view(B)]
-    assert step.filter(adapter_request(), everywhere) is everywhere
+    assert keeps_all(step, adapter_request(), everywhere)
 
 
 def test_saturated_only_when_every_endpoint_is_over_a_threshold() -> None:
@@ -133,9 +179,9 @@ def test_lora_affinity_scores_follow_residency() -> None:
         make_view(D, observed=metrics(max_lora=1, running=["b"])),  # full
         make_view("10.0.0.5:8000", registered=["b"]),
     ]
-    scores = LoraAffinityScorer(residency).score(adapter_request(), views, 1.0)
+    scores = scored(LoraAffinityScorer(residency), adapter_request(), views, 1.0)
     assert scores == [1.0, 1.0, 0.8, 0.4, 0.0]
-    assert LoraAffinityScorer(residency).score(BASE_REQUEST, views, 1.0) == [1.0] * 5
+    assert scored(LoraAffinityScorer(residency), BASE_REQUEST, views, 1.0) == [1.0] * 5
 
 
 def test_relative_load_halves_at_scale_above_the_least_loaded() -> None:
@@ -152,12 +198,14 @@ def test_queue_scorer_reads_waiting_requests() -> None:
         make_view(B, observed=metrics(queue=2)),
         blind_view(C),
     ]
-    assert QueueScorer(scale=2.0).score(adapter_request(), views, 0.0) == [1.0, 0.5, NEUTRAL]
+    assert scored(QueueScorer(scale=2.0), adapter_request(), views, 0.0) == [1.0, 0.5, NEUTRAL]
+    # Relative to the least loaded candidate, not to every endpoint.
+    assert scored(QueueScorer(scale=2.0), adapter_request(), views, 0.0, candidates=[1]) == [1.0]
 
 
 def test_running_requests_scorer_reads_running_requests() -> None:
     views = [make_view(A, observed=metrics(requests=8, queue=9)), make_view(B)]
-    assert RunningRequestsScorer(scale=8.0).score(adapter_request(), views, 0.0) == [0.5, 1.0]
+    assert scored(RunningRequestsScorer(scale=8.0), adapter_request(), views, 0.0) == [0.5, 1.0]
 
 
 @pytest.mark.parametrize("scorer", [QueueScorer, RunningRequestsScorer])
@@ -168,7 +216,7 @@ def test_load_scorers_refuse_a_scale_of_zero(scorer: Callable[..., Scorer]) -> N
 
 def test_kv_cache_scorer_prefers_free_cache() -> None:
     views = [make_view(A, observed=metrics(kv=0.25)), blind_view(B)]
-    assert KvCacheScorer().score(adapter_request(), views, 0.0) == [0.75, NEUTRAL]
+    assert scored(KvCacheScorer(), adapter_request(), views, 0.0) == [0.75, NEUTRAL]
 
 
 # --- picker --------------------------------------------------------------------------
@@ -269,9 +317,9 @@ def constant(name: str, value: float) -> Scorer:
             self.name = name
 
         def score(
-            self, request: SchedulingRequest, views: list[EndpointView], now: float
+            self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
         ) -> list[float]:
-            return [value] * len(views)
+            return [value] * len(candidates)
 
     return Constant()
 
@@ -331,7 +379,7 @@ def test_profile_parameters_and_defaults() -> None:
     assert pipeline.filters == ()
     assert pipeline.weights == (1.0, 0.0)
     views = [make_view(A, observed=metrics(queue=4)), make_view(B)]
-    assert pipeline.scorers[0].score(BASE_REQUEST, views, 0.0) == [0.5, 1.0]
+    assert scored(pipeline.scorers[0], BASE_REQUEST, views, 0.0) == [0.5, 1.0]
     assert pipeline.residency.default_max_lora == 2
     assert load_profile({}).saturation == SaturationThresholds()
 
@@ -392,16 +440,16 @@ def test_upstream_lora_affinity_uses_only_lora_requests_info() -> None:
         make_view("10.0.0.5:8000", observed=metrics(max_lora=None)),  # max_lora unknown
         blind_view("10.0.0.6:8000"),  # never scraped: zeroed metrics
     ]
-    scores = UpstreamLoraAffinityScorer().score(adapter_request(), views, 0.0)
+    scores = scored(UpstreamLoraAffinityScorer(), adapter_request(), views, 0.0)
     assert scores == [1.0, 0.8, 0.6, 0.0, 0.0, 0.0]
     # Base-model requests are scored too, as an adapter nobody runs.
-    assert UpstreamLoraAffinityScorer().score(BASE_REQUEST, views[:2], 0.0) == [0.0, 0.8]
+    assert scored(UpstreamLoraAffinityScorer(), BASE_REQUEST, views[:2], 0.0) == [0.0, 0.8]
 
 
 def test_upstream_lora_affinity_remembers_the_last_busy_label_set() -> None:
     idle = replace(metrics(max_lora=2), last_busy_running=frozenset({"a", "b"}))
-    scores = UpstreamLoraAffinityScorer().score(
-        adapter_request(), [make_view(A, observed=idle)], 0.0
+    scores = scored(
+        UpstreamLoraAffinityScorer(), adapter_request(), [make_view(A, observed=idle)], 0.0
     )
     assert scores == [1.0]
 
@@ -414,13 +462,13 @@ def test_upstream_queue_is_min_max_normalised() -> None:
         make_view(C, observed=metrics(queue=2)),
         blind_view(D),  # zero waiting, as a zeroed Metrics struct
     ]
-    assert scorer.score(adapter_request(), views, 0.0) == [2 / 3, 0.0, 1 / 3, 1.0]
-    assert scorer.score(adapter_request(), views[:1], 0.0) == [1.0]
+    assert scored(scorer, adapter_request(), views, 0.0) == [2 / 3, 0.0, 1 / 3, 1.0]
+    assert scored(scorer, adapter_request(), views, 0.0, candidates=[0]) == [1.0]
 
 
 def test_upstream_kv_cache_is_one_minus_usage() -> None:
     views = [make_view(A, observed=metrics(kv=0.25)), blind_view(B)]
-    assert UpstreamKvCacheScorer().score(adapter_request(), views, 0.0) == [0.75, 1.0]
+    assert scored(UpstreamKvCacheScorer(), adapter_request(), views, 0.0) == [0.75, 1.0]
 
 
 def upstream(seed: int = 0) -> Pipeline:

@@ -1,0 +1,120 @@
+"""The per-endpoint figures the scheduling plugins read, kept as columns.
+
+A decision reads the same few figures of every endpoint (ready, the adapters known
+registered, waiting and running requests, free KV cache), while the inventory builds a
+new view only when an observation of that endpoint changes. So the figures are kept in
+one list per figure, position i for the snapshot's i-th view, and re-read only at the
+positions whose view object changed: the plugins then pass candidate indices around and
+read one list item per figure, instead of following view → metrics → figure for every
+endpoint of every request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import compress
+from operator import is_not
+from typing import TypeVar, cast
+
+from controller.inventory import EndpointView
+
+T = TypeVar("T")
+
+_NOTHING: frozenset[str] = frozenset()
+
+
+def changed_positions(new: Sequence[object], old: Sequence[object]) -> list[int]:
+    """The positions where `new` holds another object than `old` (same lengths).
+
+    One pass in C: the usual answer is "none", and a Python loop over every endpoint on
+    every request is the cost the columns exist to avoid.
+    """
+    return list(compress(range(len(new)), map(is_not, new, old)))
+
+
+def known_or(figures: list[T | None], unknown: T) -> list[T]:
+    """A copy of a figure's `figures` with `unknown` for every None (a missed scrape: rare,
+    so the usual case is one copy in C)."""
+    if None in figures:
+        return [unknown if figure is None else figure for figure in figures]
+    return cast(list[T], figures[:])
+
+
+class Columns:
+    """One list per figure, index-aligned with `views` (see the module doc).
+
+    None in a figure's column means the endpoint has no fresh metrics.
+    """
+
+    def __init__(self) -> None:
+        self.views: list[EndpointView] = []
+        self.everyone: list[int] = []
+        """Every index: the candidates before any filter. Filters that keep every candidate
+        return their input list itself, so `candidates is columns.everyone` tells a plugin
+        that it may read a whole column without gathering."""
+        self.all_ready = True
+        self.ready: list[bool] = []
+        self.address: list[str] = []
+        self.loaded: list[frozenset[str]] = []
+        self.waiting: list[int | None] = []
+        self.running: list[int | None] = []
+        self.kv_free: list[float | None] = []
+        self._holding: dict[str, list[int]] = {}
+        """adapter → the indices where it is known registered, computed on first use and
+        dropped when any endpoint's registered set changes (contents, not objects: a
+        scrape hands out an equal set most of the time)."""
+
+    def update(self, views: Sequence[EndpointView]) -> None:
+        """Make the columns describe `views`, re-reading only the views that changed."""
+        if len(views) != len(self.views):
+            self._rebuild(views)
+            return
+        changed = changed_positions(views, self.views)
+        for index in changed:
+            self._read(index, views[index])
+        if changed:
+            self.all_ready = all(self.ready)
+
+    def gather(self, column: list[T], candidates: list[int]) -> list[T]:
+        """The candidates' items of `column`, in candidate order (the column itself, not a
+        copy, when every endpoint is a candidate: do not modify the result)."""
+        if candidates is self.everyone:
+            return column
+        return [column[index] for index in candidates]
+
+    def holding(self, adapter: str) -> list[int]:
+        """The indices of the endpoints where `adapter` is known registered (see
+        EndpointView.loaded), in order. Do not modify the result: it is cached."""
+        indices = self._holding.get(adapter)
+        if indices is None:
+            loaded = self.loaded
+            indices = self._holding[adapter] = [i for i in self.everyone if adapter in loaded[i]]
+        return indices
+
+    def _rebuild(self, views: Sequence[EndpointView]) -> None:
+        count = len(views)
+        self.views = list(views)
+        self.everyone = list(range(count))
+        self.ready = [False] * count
+        self.address = [""] * count
+        self.loaded = [_NOTHING] * count
+        self.waiting, self.running, self.kv_free = [None] * count, [None] * count, [None] * count
+        for index, view in enumerate(views):
+            self._read(index, view)
+        self.all_ready = all(self.ready)
+        self._holding.clear()
+
+    def _read(self, index: int, view: EndpointView) -> None:
+        self.views[index] = view
+        self.ready[index] = view.ready
+        self.address[index] = view.address
+        if view.loaded != self.loaded[index]:
+            self._holding.clear()
+        self.loaded[index] = view.loaded
+        metrics = view.metrics
+        if metrics is None:
+            self.waiting[index] = self.running[index] = self.kv_free[index] = None
+        else:
+            self.waiting[index] = metrics.waiting
+            self.running[index] = metrics.running
+            self.kv_free[index] = 1.0 - metrics.kv_cache_usage
