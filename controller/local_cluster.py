@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from controller.backend.local import ENDPOINTS_ANNOTATION, KINDS, POOL_KIND, LocalBackend
+from controller.backend.local import KINDS, POOL_KIND, LocalBackend, annotated_endpoints
 from controller.canary_cli import (
     ANNOTATION,
     EXIT_API,
@@ -25,7 +25,7 @@ from controller.canary_cli import (
     Resource,
     RolloutRecord,
 )
-from controller.endpoints import parse_endpoint_list, pool_spec
+from controller.endpoints import pool_spec
 from loractl.objectdir import ObjectDirectory
 
 SIDECAR_TIMEOUT = 2.0  # seconds per sidecar /status
@@ -90,8 +90,7 @@ class LocalCluster:
             v1 = pool.get("apiVersion") == f"{POOL_V1.group}/{POOL_V1.version}"
             api = POOL_V1 if v1 else POOL_V1ALPHA2
             labels = dict(pool_spec(api, pool).selector)
-            annotations = pool["metadata"].get("annotations") or {}
-            endpoints, _ = parse_endpoint_list(str(annotations.get(ENDPOINTS_ANNOTATION) or ""))
+            endpoints, _ = annotated_endpoints(pool)
             for endpoint in endpoints:
                 summary = None if endpoint.sidecar_url is None else _summary(endpoint.sidecar_url)
                 pods.append(

@@ -198,8 +198,7 @@ class LocalBackend:
         located = self._index.get(POOL_KIND, name)
         if located is None:
             return None
-        annotations = located.obj["metadata"].get("annotations") or {}
-        endpoints, errors = parse_endpoint_list(str(annotations.get(ENDPOINTS_ANNOTATION) or ""))
+        endpoints, errors = annotated_endpoints(located.obj)
         for error in errors:
             log.warning("local_endpoint_invalid", pool=name, error=error)
         return endpoints
@@ -462,6 +461,12 @@ class LocalBackend:
                 if obj is not None and self._index.key(obj) == (kind, name):
                     return path, text, [chunk for chunk, _ in documents], index
         return None
+
+
+def annotated_endpoints(pool: Mapping[str, Any]) -> tuple[list[Endpoint], list[str]]:
+    """A pool object's `loractl.io/endpoints` entries, and a message per unreadable one."""
+    annotations = (pool.get("metadata") or {}).get("annotations") or {}
+    return parse_endpoint_list(str(annotations.get(ENDPOINTS_ANNOTATION) or ""))
 
 
 # ---- files ----
