@@ -120,3 +120,20 @@ def test_local_flags_are_checked_before_anything_starts(tmp_path: Path) -> None:
     sidecar = loractl("sidecar", "--local", str(tmp_path))
     assert sidecar.returncode != 0
     assert "needs --watch-configmap" in sidecar.stderr
+
+    follow = ("--watch-configmap", f"default/{CONFIGMAP}")
+    nowhere = loractl("sidecar", "--local", str(tmp_path / "nowhere"), *follow)
+    assert "--local" in nowhere.stderr
+    assert "no such directory" in nowhere.stderr
+    annotate = loractl("sidecar", "--local", str(tmp_path), *follow, "--annotate-pod")
+    assert "--annotate-pod needs a cluster, not --local" in annotate.stderr
+
+
+def test_the_demo_refuses_a_state_directory_that_holds_files(tmp_path: Path) -> None:
+    kept = tmp_path / "notes.txt"
+    kept.write_text("mine")
+    done = loractl("demo", "--fast", "--state-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert "is not empty; give a new one" in done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"], "nothing written there"
+    assert kept.read_text() == "mine"
