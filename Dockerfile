@@ -2,17 +2,22 @@
 #
 #   docker build -t ghcr.io/loractl/loractl:0.1.0 .
 #
-# The build stage installs loractl and its dependencies into a virtual environment; the
-# final stage is the same slim Python base with only that environment copied in: no
-# compiler, no pip cache, no source tree. Both stages must use the same base, because the
-# environment's interpreter is a link to the base's.
+# The build stage installs loractl and its dependencies into a virtual environment, with
+# the picker's decision path compiled (LORACTL_COMPILE=1, see setup.py); the final stage is
+# the same slim Python base with only that environment copied in: no compiler, no pip
+# cache, no source tree. Both stages must use the same base, because the environment's
+# interpreter is a link to the base's.
 ARG PYTHON_IMAGE=python:3.11.14-slim-trixie
 
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 LORACTL_COMPILE=1
+# A C compiler for the compiled decision path; the Python headers come with the base.
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/loractl
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY loractl ./loractl
 COPY sidecar ./sidecar
 COPY controller ./controller

@@ -15,7 +15,13 @@ measured in several interleaved rounds; the figures are the medians over rounds,
 shared, noisy machines need (one round's p99 moves with whatever else runs). Goal:
 p99 <= 50 us at 64 endpoints.
 
+Side by side, the same run measures two builds of the project, each installed by pip
+into a temporary directory (tests/support/builds.py): `interpreted` (a plain install)
+and `compiled` (LORACTL_COMPILE=1, the container image's build: the decision path
+compiled by mypyc). Every round runs each build in a fresh process, in alternating order.
+
     python -m bench.pick_latency [--iterations 10000] [--rounds 5] [--seed 1]
+                                 [--builds interpreted,compiled]
 
 Prints a table, then one JSON object on the last line.
 """
@@ -28,15 +34,21 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import timeit
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
 
 from controller.inventory import Endpoint, EndpointView, MetricsObservation
+from controller.scheduling import compiled
 from controller.scheduling.pipeline import Pipeline
 from controller.scheduling.profile import DEFAULT_PROFILE, UPSTREAM_PROFILE, load_profile
 from controller.scheduling.types import SchedulingRequest
+from tests.support.builds import BUILDS, Build, environment, install
 
 SIZES = (8, 64, 256)
 ADAPTERS = [f"adapter-{i:03d}" for i in range(100)]
@@ -46,6 +58,7 @@ MAX_LORA = 4
 SCRAPE_EVERY = 200
 WARMUP = 2_000
 PROFILES = {"ours": DEFAULT_PROFILE, "upstream": UPSTREAM_PROFILE}
+CONFIGURATIONS = [(name, size) for name in PROFILES for size in SIZES]
 
 
 def zipf_sample(rng: random.Random, count: int) -> list[str]:
@@ -113,14 +126,23 @@ def percentile(sorted_values: Sequence[int], fraction: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))] / 1000
 
 
-def summarise(rounds: list[list[int]]) -> dict[str, float]:
-    """Per-round percentiles, then the median of each over the rounds (microseconds)."""
-    ordered = [sorted(durations) for durations in rounds]
+def round_figures(durations: list[int]) -> dict[str, float]:
+    """One round's percentiles, in microseconds."""
+    ordered = sorted(durations)
     return {
-        "p50_us": round(statistics.median(percentile(d, 0.50) for d in ordered), 2),
-        "p99_us": round(statistics.median(percentile(d, 0.99) for d in ordered), 2),
-        "p99_best_round_us": round(min(percentile(d, 0.99) for d in ordered), 2),
-        "max_us": round(max(d[-1] for d in ordered) / 1000, 2),
+        "p50_us": percentile(ordered, 0.50),
+        "p99_us": percentile(ordered, 0.99),
+        "max_us": ordered[-1] / 1000,
+    }
+
+
+def summarise(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """The median of each per-round percentile over the rounds, and the best round's p99."""
+    return {
+        "p50_us": round(statistics.median(r["p50_us"] for r in rounds), 2),
+        "p99_us": round(statistics.median(r["p99_us"] for r in rounds), 2),
+        "p99_best_round_us": round(min(r["p99_us"] for r in rounds), 2),
+        "max_us": round(max(r["max_us"] for r in rounds), 2),
     }
 
 
@@ -141,38 +163,73 @@ def pin_to_one_core() -> int | None:
     return core
 
 
+def measure_round(iterations: int, seed: int) -> dict[str, object]:
+    """One round of every configuration, in this process (the `--child` side)."""
+    core = pin_to_one_core()
+    figures = {}
+    for name, size in CONFIGURATIONS:
+        pipeline = load_profile(PROFILES[name], rng=random.Random(seed))
+        figures[f"{name}/{size}"] = round_figures(measure(pipeline, size, iterations, seed))
+    return {"compiled": compiled(), "core": core, "reference_us": reference_us(), **figures}
+
+
+def run_round(target: Path, iterations: int, seed: int) -> dict[str, Any]:
+    """One round in a fresh process running the build installed in `target`."""
+    command = [sys.executable, "-m", "bench.pick_latency", "--child"]
+    command += ["--iterations", str(iterations), "--seed", str(seed)]
+    done = subprocess.run(
+        command, cwd=target, env=environment(target), capture_output=True, text=True, check=True
+    )
+    figures: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return figures
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--iterations", type=int, default=10_000, help="timed calls per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--builds", default=",".join(BUILDS), help="comma-separated, in order")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    core = pin_to_one_core()
-    reference = reference_us()
+    if args.child:
+        print(json.dumps(measure_round(args.iterations, args.seed)))
+        return 0
+    builds = [cast(Build, b) for b in args.builds.split(",")]
+    unknown = sorted(set(builds) - set(BUILDS))
+    if unknown:
+        parser.error(f"unknown build {unknown[0]!r}; builds: {', '.join(BUILDS)}")
 
-    configurations = [(name, size) for name in PROFILES for size in SIZES]
-    rounds: dict[tuple[str, int], list[list[int]]] = {key: [] for key in configurations}
-    for round_index in range(args.rounds):
-        for name, size in configurations:
-            pipeline = load_profile(PROFILES[name], rng=random.Random(args.seed))
-            seed = args.seed + round_index
-            rounds[name, size].append(measure(pipeline, size, args.iterations, seed))
+    with tempfile.TemporaryDirectory(prefix="pick-latency-") as workdir:
+        targets = {build: install(build, Path(workdir, build)) for build in builds}
+        rounds: dict[Build, list[dict[str, Any]]] = {build: [] for build in builds}
+        for round_index in range(args.rounds):
+            order = builds if round_index % 2 == 0 else builds[::-1]
+            for build in order:
+                figures = run_round(targets[build], args.iterations, args.seed + round_index)
+                if figures["compiled"] != (build == "compiled"):
+                    raise SystemExit(f"the {build} build did not run as {build}: {figures}")
+                rounds[build].append(figures)
 
     results = []
-    print(f"reference workload: {reference} us (see reference_us)")
-    print(f"{'profile':<9} {'endpoints':>9} {'p50 us':>8} {'p99 us':>8} {'max us':>9}")
-    for name, size in configurations:
-        row = {"profile": name, "endpoints": size, **summarise(rounds[name, size])}
-        results.append(row)
-        print(
-            f"{name:<9} {size:>9} {row['p50_us']:>8.1f} {row['p99_us']:>8.1f} {row['max_us']:>9.1f}"
-        )
+    header = f"{'build':<12} {'profile':<9} {'endpoints':>9}"
+    print(f"{header} {'p50 us':>8} {'p99 us':>8} {'max us':>9}")
+    for build in builds:
+        for name, size in CONFIGURATIONS:
+            row = {"build": build, "profile": name, "endpoints": size}
+            row |= summarise([figures[f"{name}/{size}"] for figures in rounds[build]])
+            results.append(row)
+            print(
+                f"{build:<12} {name:<9} {size:>9} {row['p50_us']:>8.1f} {row['p99_us']:>8.1f}"
+                f" {row['max_us']:>9.1f}"
+            )
+    references = [figures["reference_us"] for build in builds for figures in rounds[build]]
+    print(f"reference workload: {min(references)} us (see reference_us)")
     summary = {
         "benchmark": "pick_latency",
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
-        "pinned_core": core,
-        "reference_us": reference,
+        "reference_us": min(references),
         "adapters": len(ADAPTERS),
         "iterations": args.iterations,
         "rounds": args.rounds,

@@ -28,6 +28,7 @@ from controller.model_sources import ClusterModels, FileModels
 from controller.picker import EndpointPicker, PickerSettings
 from controller.picker_metrics import PickerMetrics
 from controller.rollout.runner import RolloutMetrics, RolloutRunner
+from controller.scheduling import compiled
 from controller.scheduling.pipeline import Pipeline
 from controller.scrape import Scraper
 from controller.stats import TrafficStats
@@ -121,6 +122,7 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
         endpoints=args.endpoints,
         pool=args.pool,
         local=None if args.local is None else str(args.local),
+        scheduling="compiled" if compiled() else "interpreted",
     )
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from controller.scheduling import compiled
 from loractl.processes import ChildProcess
 from simulator.adapter_files import write_adapter
 from tests.support.sidecars import RunningSidecar, sidecar_process
@@ -14,6 +16,20 @@ from tests.support.simulators import RunningSimulator, simulator_process
 
 FAST = ("--time-scale", "0")
 RUNTIME_LORA_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With LORACTL_EXPECT_BUILD set (CI's compiled stage), refuse to run the tests on
+    another build of the decision path than the one asked for."""
+    expected = os.environ.get("LORACTL_EXPECT_BUILD")
+    if expected is None:
+        return
+    imported = "compiled" if compiled() else "interpreted"
+    if imported != expected:
+        raise pytest.UsageError(
+            f"LORACTL_EXPECT_BUILD={expected}, but the {imported} decision path is imported: "
+            "put the build's directory first on PYTHONPATH and run pytest from inside it"
+        )
 
 
 @pytest.fixture

@@ -17,10 +17,14 @@ from controller.inventory import EndpointView
 from controller.scheduling.columns import Columns
 from controller.scheduling.filters import ReadyFilter, SaturationThresholds, SubsetFilter, saturated
 from controller.scheduling.residency import ResidencyTracker
-from controller.scheduling.types import Affinity, Criticality, SchedulingRequest, SchedulingResult
-
-TOTAL: Literal["total"] = "total"
-"""Key of the weighted sum in SchedulingResult.scores, next to each scorer's own score."""
+from controller.scheduling.types import (
+    TOTAL,
+    Affinity,
+    Criticality,
+    Ranking,
+    SchedulingRequest,
+    SchedulingResult,
+)
 
 
 class Filter(Protocol):
@@ -39,7 +43,7 @@ class Filter(Protocol):
 
 class Scorer(Protocol):
     """Rates every candidate in [0, 1], higher is better: one score per candidate index,
-    in order."""
+    in order, in a list the scorer will not change again (the result keeps it)."""
 
     @property
     def name(self) -> str: ...
@@ -104,10 +108,7 @@ class Pipeline:
         return SchedulingResult(
             endpoints=endpoints,
             affinity=self._assign(request, endpoints[0], now),
-            scores={
-                view.address: self._scores_of(index, scores, totals)
-                for view, index in zip(endpoints, chosen, strict=True)
-            },
+            ranking=Ranking(self._names, scores, totals, chosen),
         )
 
     def should_shed(self, request: SchedulingRequest, views: list[EndpointView]) -> bool:
@@ -143,13 +144,6 @@ class Pipeline:
             metrics.max_lora if metrics is not None else None,
         )
         return affinity
-
-    def _scores_of(
-        self, index: int, scores: list[list[float]], totals: list[float]
-    ) -> dict[str, float]:
-        by_name = {name: column[index] for name, column in zip(self._names, scores, strict=True)}
-        by_name[TOTAL] = totals[index]
-        return by_name
 
 
 def _affinity_of_nothing(request: SchedulingRequest) -> Affinity:

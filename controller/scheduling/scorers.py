@@ -9,7 +9,7 @@ The pipeline multiplies by the profile's weights.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from operator import attrgetter
 from typing import Final, cast
 
@@ -96,11 +96,11 @@ class _RelativeLoadScorer:
     """Scores one load column (a figure of vLLM's metrics) with `relative_load`."""
 
     kind: Final = "scorer"
-    _column: attrgetter[list[int | None]]
 
-    def __init__(self, scale: float) -> None:
+    def __init__(self, column: Callable[[Columns], list[int | None]], scale: float) -> None:
         if scale <= 0:
             raise ValueError("scale must be positive")
+        self._column = column
         self._scale = scale
 
     def score(
@@ -113,10 +113,9 @@ class QueueScorer(_RelativeLoadScorer):
     """Fewer waiting requests is better: a waiting request means the pod is already full."""
 
     name: Final = "queue"
-    _column = attrgetter("waiting")
 
     def __init__(self, scale: float = QUEUE_SCALE) -> None:
-        super().__init__(scale)
+        super().__init__(attrgetter("waiting"), scale)
 
 
 class RunningRequestsScorer(_RelativeLoadScorer):
@@ -124,10 +123,9 @@ class RunningRequestsScorer(_RelativeLoadScorer):
     but mildly, hence a larger default scale than the queue's."""
 
     name: Final = "running-requests"
-    _column = attrgetter("running")
 
     def __init__(self, scale: float = RUNNING_SCALE) -> None:
-        super().__init__(scale)
+        super().__init__(attrgetter("running"), scale)
 
 
 class KvCacheScorer:

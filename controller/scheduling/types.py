@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from controller.inventory import EndpointView
 
@@ -35,9 +36,38 @@ class SchedulingRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+TOTAL: Final = "total"
+"""Key of the weighted sum in SchedulingResult.scores, next to each scorer's own score."""
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """How the pipeline scored the candidates: each scorer's scores and the weighted totals,
+    one item per candidate, and the candidates it returned (positions, best first)."""
+
+    names: tuple[str, ...]
+    scores: list[list[float]]
+    totals: list[float]
+    chosen: list[int]
+
+
 @dataclass(frozen=True)
 class SchedulingResult:
     endpoints: list[EndpointView]  # best first; the rest are fallbacks
     affinity: Affinity
-    scores: dict[str, dict[str, float]] = field(default_factory=dict)
-    """address → scorer name → score, for debugging and logs."""
+    ranking: Ranking | None = None  # None when nothing was scored
+
+    @property
+    def scores(self) -> dict[str, dict[str, float]]:
+        """address → scorer name (and TOTAL) → score of each returned endpoint, for
+        debugging and logs: built when asked, since no decision needs it."""
+        ranking = self.ranking
+        if ranking is None:
+            return {}
+        scores: dict[str, dict[str, float]] = {}
+        for view, index in zip(self.endpoints, ranking.chosen, strict=True):
+            columns = zip(ranking.names, ranking.scores, strict=True)
+            by_name = {name: column[index] for name, column in columns}
+            by_name[TOTAL] = ranking.totals[index]
+            scores[view.address] = by_name
+        return scores

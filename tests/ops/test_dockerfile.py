@@ -117,7 +117,8 @@ def test_everything_the_build_copies_is_in_the_build_context() -> None:
     packages = [
         name.rstrip("*") for name in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
     ]
-    assert {"pyproject.toml", PYPROJECT["project"]["readme"], *packages} <= set(sources)
+    build_files = {"pyproject.toml", "setup.py", PYPROJECT["project"]["readme"]}
+    assert {*build_files, *packages} <= set(sources)
     for source in sources:
         path = ROOT / source
         assert path.exists(), f"COPY {source}: no such file"
@@ -125,6 +126,14 @@ def test_everything_the_build_copies_is_in_the_build_context() -> None:
         for file in files:
             relative = file.relative_to(ROOT).as_posix()
             assert not _ignored(relative, ignore), f"{relative} is excluded by .dockerignore"
+
+
+def test_the_image_compiles_the_decision_path() -> None:
+    environment = " ".join(_args("ENV", BUILD))
+    assert "LORACTL_COMPILE=1" in environment.split()
+    installs = [run for run in _args("RUN", BUILD) if "pip install ." in run]
+    assert installs, "the build stage installs the project"
+    assert "gcc" in " ".join(_args("RUN", BUILD)), "mypyc's output needs a C compiler"
 
 
 def test_the_dockerignore_keeps_local_state_out() -> None:

@@ -20,7 +20,7 @@ from controller.scheduling.filters import (
     saturated,
 )
 from controller.scheduling.pickers import MaxScorePicker
-from controller.scheduling.pipeline import TOTAL, Filter, Pipeline, Scorer
+from controller.scheduling.pipeline import Filter, Pipeline, Scorer
 from controller.scheduling.profile import (
     DEFAULT_PROFILE,
     UPSTREAM_PROFILE,
@@ -37,7 +37,7 @@ from controller.scheduling.scorers import (
     RunningRequestsScorer,
     relative_load,
 )
-from controller.scheduling.types import Affinity, Criticality, SchedulingRequest
+from controller.scheduling.types import TOTAL, Affinity, Criticality, SchedulingRequest
 from controller.scheduling.upstream import (
     UpstreamKvCacheScorer,
     UpstreamLoraAffinityScorer,

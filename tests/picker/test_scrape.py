@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import Counter
@@ -42,16 +43,17 @@ def address(url: str) -> str:
     return url.removeprefix("http://")
 
 
-class CountingInventory(Inventory):
-    """Remembers when each endpoint's metrics were recorded."""
-
-    def __init__(self, staleness: Staleness | None = None) -> None:
-        super().__init__(staleness)
-        self.metrics_at: dict[str, list[float]] = {}
-
-    def record_metrics(self, address: str, metrics: MetricsObservation) -> None:
-        self.metrics_at.setdefault(address, []).append(time.monotonic())
-        super().record_metrics(address, metrics)
+async def watch_metrics(inventory: Inventory, seen: dict[str, list[float]]) -> None:
+    """Note when each endpoint's metrics change, by polling the inventory every 5 ms (a
+    scrape records a new observation object each time). Runs until cancelled."""
+    last: dict[str, MetricsObservation | None] = {}
+    while True:
+        now = time.monotonic()
+        for view in inventory.snapshot():
+            if view.metrics is not None and view.metrics is not last.get(view.address):
+                seen.setdefault(view.address, []).append(now)
+            last[view.address] = view.metrics
+        await asyncio.sleep(0.005)
 
 
 def complete(view: EndpointView, sidecar: bool = True) -> bool:
@@ -223,24 +225,29 @@ async def test_dead_and_hanging_endpoints_do_not_delay_a_live_one(
 ) -> None:
     live = await fake_server()
     closed = f"127.0.0.1:{free_port()}"
-    inventory = CountingInventory(Staleness(metrics=0.3, models=0.3, sidecar=0.3))
+    inventory = Inventory(Staleness(metrics=0.3, models=0.3, sidecar=0.3))
     inventory.set_endpoints([Endpoint(a) for a in (closed, hanging_address, address(live.url))])
     registry = CollectorRegistry()
     # A long timeout: the hanging endpoint holds its request for the whole run.
     scraper = fast_scraper(inventory, metrics_interval=0.05, timeout=5.0, registry=registry)
+    metrics_at: dict[str, list[float]] = {}
+    watcher = asyncio.create_task(watch_metrics(inventory, metrics_at))
     async with running(scraper):
         await asyncio.sleep(1.0)
         snapshot = {v.address: v for v in inventory.snapshot()}
         errors = inventory.errors()
-    times = inventory.metrics_at[address(live.url)]
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    times = metrics_at[address(live.url)]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert len(times) >= 12  # about 20 expected in a second; slack for a busy machine
     assert max(gaps) < 0.3
     assert snapshot[address(live.url)].metrics is not None
     assert snapshot[closed].metrics is None
     assert snapshot[hanging_address].metrics is None
-    assert closed not in inventory.metrics_at
-    assert hanging_address not in inventory.metrics_at
+    assert closed not in metrics_at
+    assert hanging_address not in metrics_at
     assert "Cannot connect" in errors[closed]["metrics"]
     assert hanging_address not in errors  # still waiting for its first answer
     assert address(live.url) not in errors
