@@ -28,10 +28,16 @@ class MaxScorePicker:
 
     def pick(self, totals: list[float]) -> list[int]:
         """Indices into `totals`, best first: 1 + fallbacks of them, or all if fewer."""
-        count = len(totals)
-        wanted = min(count, 1 + self.fallbacks)
-        # Stable: ties stay in input order until drawn below.
-        order = sorted(range(count), key=totals.__getitem__, reverse=True)
+        wanted = min(len(totals), 1 + self.fallbacks)
+        if wanted == 0:
+            return []
+        # Only the candidates scoring at least the wanted-th best can be returned: those,
+        # ties with the last one included, are the head of the best-first order, so only
+        # they are sorted. Stable: ties stay in input order until drawn below.
+        last = max(totals) if wanted == 1 else sorted(totals, reverse=True)[wanted - 1]
+        order = [i for i in range(len(totals)) if totals[i] >= last]
+        order.sort(key=totals.__getitem__, reverse=True)
+        count = len(order)
         start = 0
         while start < wanted:
             score = totals[order[start]]

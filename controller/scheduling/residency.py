@@ -37,11 +37,15 @@ Single-threaded by design: the picker calls it from one event loop.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Generic, NamedTuple, TypeVar
 
 from controller.inventory import EndpointView, MetricsObservation
 from controller.scheduling.columns import Columns, changed_positions
 from controller.scheduling.types import Affinity
 from sidecar.status import AdapterState
+
+T = TypeVar("T")
 
 DEFAULT_MAX_LORA = 4
 """GPU slots assumed while an endpoint has not reported `max_lora` (vLLM's own default is 1,
@@ -166,15 +170,31 @@ class ResidencyTracker:
         memory = self._endpoints.get(view.address)
         if memory is None or memory.view is not view or now >= memory.valid_until:
             memory = self._refresh(view, now)
-        return _classify([view], [view.loaded], [memory], [0], adapter)[0]
+        return _classify([view], [view.loaded], [memory], [0], adapter, _AFFINITIES)[0]
 
     def classify_all(
         self, columns: Columns, candidates: list[int], adapter: str, now: float
     ) -> list[Affinity]:
-        """`classify` for the candidates (indices into `columns`), in order: the affinity
-        scorer's hot path."""
+        """`classify` for the candidates (indices into `columns`), in order."""
         memories = self._sync(columns.views, candidates, now)
-        return _classify(columns.views, columns.loaded, memories, candidates, adapter)
+        return _classify(columns.views, columns.loaded, memories, candidates, adapter, _AFFINITIES)
+
+    def score_all(
+        self,
+        columns: Columns,
+        candidates: list[int],
+        adapter: str,
+        now: float,
+        scores: Mapping[Affinity, float],
+    ) -> list[float]:
+        """`classify_all` with each affinity replaced by its score, in the same pass: the
+        affinity scorer's hot path."""
+        memories = self._sync(columns.views, candidates, now)
+        values = _Values(
+            scores[Affinity.HOT], scores[Affinity.WARM], scores[Affinity.COLD],
+            scores[Affinity.MISSING],
+        )  # fmt: skip
+        return _classify(columns.views, columns.loaded, memories, candidates, adapter, values)
 
     def _sync(self, views: list[EndpointView], candidates: list[int], now: float) -> list[_Memory]:
         """The memory column for `views`, up to date at the candidates' positions."""
@@ -265,23 +285,39 @@ class ResidencyTracker:
         self._next_expiry = min(self._next_expiry, memory.valid_until)
 
 
+class _Values(NamedTuple, Generic[T]):
+    """What `_classify` answers for each affinity."""
+
+    hot: T
+    warm: T
+    cold: T
+    missing: T
+
+
+_AFFINITIES = _Values(Affinity.HOT, Affinity.WARM, Affinity.COLD, Affinity.MISSING)
+
+
 def _classify(
     views: list[EndpointView],
     loaded: list[frozenset[str]],
     memories: list[_Memory],
     candidates: list[int],
     adapter: str,
-) -> list[Affinity]:
-    """The affinity at each candidate index, from index-aligned views, their `loaded` sets
-    and up-to-date memories. Known not registered comes first (MISSING); `loaded` answers
-    most endpoints without the slower `registration`."""
-    missing, hot = Affinity.MISSING, Affinity.HOT
+    values: _Values[T],
+) -> list[T]:
+    """The affinity at each candidate index, as its item of `values`, from index-aligned
+    views, their `loaded` sets and up-to-date memories. Known not registered comes first
+    (MISSING); `loaded` answers most endpoints without the slower `registration`."""
+    hot, warm, cold, missing = values
+    free_slot = Affinity.WARM
     return [
         missing
         if adapter not in loaded[i] and registration(views[i], adapter) is False
         else hot
         if adapter in (memory := memories[i]).resident
-        else memory.absent
+        else warm
+        if memory.absent is free_slot
+        else cold
         for i in candidates
     ]
 

@@ -60,8 +60,8 @@ class LoraAffinityScorer:
     ) -> list[float]:
         if not request.is_adapter:
             return [1.0] * len(candidates)  # the base model is always loaded
-        affinities = self._residency.classify_all(columns, candidates, request.target, now)
-        return list(map(AFFINITY_SCORES.__getitem__, affinities))
+        target = request.target
+        return self._residency.score_all(columns, candidates, target, now, AFFINITY_SCORES)
 
 
 QUEUE_SCALE: Final = 2.0
@@ -71,14 +71,15 @@ RUNNING_SCALE: Final = 8.0
 """The same for running requests: a few more sequences in a batch cost little."""
 
 
-def relative_load(loads: list[int | None], scale: float) -> list[float]:
+def relative_load(loads: list[int | None], scale: float, all_known: bool = False) -> list[float]:
     """Score each load against the least loaded candidate: 1 for it, 1/2 at `scale` more.
 
     Relative, so that it adapts to the pool's load level, but not min-max normalised:
     a difference of one request must not swing the full weight the way it does when the
-    spread is 0 to 1. Unknown loads score NEUTRAL.
+    spread is 0 to 1. Unknown loads (None) score NEUTRAL; `all_known` says there are none
+    (the columns know it), which saves looking.
     """
-    if None in loads:  # rare: a missed scrape
+    if not all_known and None in loads:  # rare: a missed scrape
         known = [load for load in loads if load is not None]
         if not known:
             return [NEUTRAL] * len(loads)
@@ -106,7 +107,8 @@ class _RelativeLoadScorer:
     def score(
         self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
     ) -> list[float]:
-        return relative_load(columns.gather(self._column(columns), candidates), self._scale)
+        loads = columns.gather(self._column(columns), candidates)
+        return relative_load(loads, self._scale, columns.all_known)
 
 
 class QueueScorer(_RelativeLoadScorer):
@@ -137,4 +139,4 @@ class KvCacheScorer:
     def score(
         self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
     ) -> list[float]:
-        return known_or(columns.gather(columns.kv_free, candidates), NEUTRAL)
+        return known_or(columns.gather(columns.kv_free, candidates), NEUTRAL, columns.all_known)

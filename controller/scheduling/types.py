@@ -40,7 +40,9 @@ TOTAL: Final = "total"
 """Key of the weighted sum in SchedulingResult.scores, next to each scorer's own score."""
 
 
-@dataclass(frozen=True)
+# Ranking and SchedulingResult are built once per decision: not frozen, because compiled
+# (setup.py) a frozen dataclass costs thousands of instructions to build, a plain one tens.
+@dataclass
 class Ranking:
     """How the pipeline scored the candidates: each scorer's scores and the weighted totals,
     one item per candidate, and the candidates it returned (positions, best first)."""
@@ -51,7 +53,7 @@ class Ranking:
     chosen: list[int]
 
 
-@dataclass(frozen=True)
+@dataclass
 class SchedulingResult:
     endpoints: list[EndpointView]  # best first; the rest are fallbacks
     affinity: Affinity

@@ -71,7 +71,7 @@ class UpstreamQueueScorer:
     def score(
         self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
     ) -> list[float]:
-        depths = known_or(columns.gather(columns.waiting, candidates), 0)
+        depths = known_or(columns.gather(columns.waiting, candidates), 0, columns.all_known)
         low, high = min(depths), max(depths)
         if high == low:
             return [1.0] * len(depths)
@@ -86,7 +86,7 @@ class UpstreamKvCacheScorer:
     def score(
         self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
     ) -> list[float]:
-        return known_or(columns.gather(columns.kv_free, candidates), 1.0)
+        return known_or(columns.gather(columns.kv_free, candidates), 1.0, columns.all_known)
 
 
 class UpstreamLoraAffinityScorer:
