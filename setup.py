@@ -3,7 +3,7 @@
 Everything about the package is in pyproject.toml; this file only adds the native
 modules. With LORACTL_COMPILE=1 the modules below are compiled to C extensions by mypyc
 from the same Python source (the container image is built this way): one scheduling
-decision then takes about half the time. Without it, nothing is compiled and no
+decision then takes less than half the time. Without it, nothing is compiled and no
 compiler is needed.
 
 Left off by default because a compiled module shadows its source: after editing one of
