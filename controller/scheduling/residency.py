@@ -267,8 +267,10 @@ class ResidencyTracker:
                 active = active | metrics.waiting_adapters
             if scraped:
                 # Used just now, so the last to be evicted once idle: remember them like
-                # our own assignments (they may come from another picker replica).
-                for name in active:
+                # our own assignments (they may come from another picker replica). Sorted:
+                # a set's order follows the process's string-hash seed, and which of them
+                # counts as older must not, or a seeded run would not repeat.
+                for name in sorted(active):
                     _touch(memory.lru, name, now, capacity)
         # Remembered adapters fill the free slots, most recent first, as vLLM's LRU would.
         remembered: list[str] = []

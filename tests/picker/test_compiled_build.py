@@ -21,8 +21,8 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[Build, Path]:
 
 
 def replay(target: Path) -> list[str]:
-    # One hash seed for both: the residency tracker iterates sets of adapter names, whose
-    # order (and so which of two adapters used at the same moment is older) follows it.
+    # One hash seed for both, so that this test only ever fails on a difference between
+    # the builds (independence from the seed has its own test in test_residency.py).
     env = environment(target) | {"PYTHONHASHSEED": "0"}
     command = [sys.executable, "-m", "tests.support.decision_replay"]
     done = subprocess.run(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterable
 
 import pytest
@@ -255,3 +258,18 @@ def test_a_repeat_assignment_of_a_resident_adapter_keeps_the_estimate_right() ->
 def test_invalid_settings_are_refused(default_max_lora: int, idle_seconds: float) -> None:
     with pytest.raises(ValueError, match="must be"):
         ResidencyTracker(default_max_lora=default_max_lora, idle_seconds=idle_seconds)
+
+
+def test_decisions_do_not_depend_on_the_string_hash_seed() -> None:
+    """Adapters seen in the same scrape enter the memory in name order, not in the order
+    of a set (which follows the process's hash seed): a seeded run repeats exactly."""
+    outputs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        command = [sys.executable, "-m", "tests.support.decision_replay", "--decisions", "800"]
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=120, check=True
+        )
+        outputs.append(done.stdout.splitlines())
+    assert len(outputs[0]) == 4 * 800 + 1
+    assert outputs[0] == outputs[1]
