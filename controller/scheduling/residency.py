@@ -267,10 +267,8 @@ class ResidencyTracker:
                 active = active | metrics.waiting_adapters
             if scraped:
                 # Used just now, so the last to be evicted once idle: remember them like
-                # our own assignments (they may come from another picker replica). Sorted:
-                # a set's order follows the process's string-hash seed, and which of them
-                # counts as older must not, or a seeded run would not repeat.
-                for name in sorted(active):
+                # our own assignments (they may come from another picker replica).
+                for name in _in_recency_order(memory.lru, active):
                     _touch(memory.lru, name, now, capacity)
         # Remembered adapters fill the free slots, most recent first, as vLLM's LRU would.
         remembered: list[str] = []
@@ -336,6 +334,17 @@ def _touch(lru: dict[str, float], adapter: str, now: float, limit: int) -> bool:
     while len(lru) > limit:
         del lru[next(iter(lru))]
     return trimmed
+
+
+def _in_recency_order(lru: dict[str, float], used: frozenset[str]) -> list[str]:
+    """`used` (adapters seen in use at the same moment) ordered for touching: those already
+    remembered keep their relative order, the others follow by name. Never the set's own
+    order, which follows the process's string-hash seed (a seeded run would not repeat),
+    nor plain name order, which would make some names always count as the older."""
+    remembered = [name for name in lru if name in used]
+    if len(remembered) == len(used):
+        return remembered
+    return remembered + sorted(used.difference(remembered))
 
 
 def _reconcile(lru: dict[str, float], registered: frozenset[str]) -> None:
