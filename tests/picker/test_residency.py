@@ -261,8 +261,9 @@ def test_invalid_settings_are_refused(default_max_lora: int, idle_seconds: float
 
 
 def test_decisions_do_not_depend_on_the_string_hash_seed() -> None:
-    """Adapters seen in the same scrape enter the memory in name order, not in the order
-    of a set (which follows the process's hash seed): a seeded run repeats exactly."""
+    """Adapters seen in the same scrape enter the memory in an order of their own (see
+    residency._in_recency_order), not in the order of a set, which follows the process's
+    hash seed: a seeded run repeats exactly."""
     outputs = []
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
