@@ -185,16 +185,12 @@ class ResidencyTracker:
         candidates: list[int],
         adapter: str,
         now: float,
-        scores: Mapping[Affinity, float],
+        scores: ByAffinity[float],
     ) -> list[float]:
         """`classify_all` with each affinity replaced by its score, in the same pass: the
         affinity scorer's hot path."""
         memories = self._sync(columns.views, candidates, now)
-        values = _Values(
-            scores[Affinity.HOT], scores[Affinity.WARM], scores[Affinity.COLD],
-            scores[Affinity.MISSING],
-        )  # fmt: skip
-        return _classify(columns.views, columns.loaded, memories, candidates, adapter, values)
+        return _classify(columns.views, columns.loaded, memories, candidates, adapter, scores)
 
     def _sync(self, views: list[EndpointView], candidates: list[int], now: float) -> list[_Memory]:
         """The memory column for `views`, up to date at the candidates' positions."""
@@ -285,8 +281,8 @@ class ResidencyTracker:
         self._next_expiry = min(self._next_expiry, memory.valid_until)
 
 
-class _Values(NamedTuple, Generic[T]):
-    """What `_classify` answers for each affinity."""
+class ByAffinity(NamedTuple, Generic[T]):
+    """A value for each affinity a classification can give (what `_classify` answers)."""
 
     hot: T
     warm: T
@@ -294,7 +290,14 @@ class _Values(NamedTuple, Generic[T]):
     missing: T
 
 
-_AFFINITIES = _Values(Affinity.HOT, Affinity.WARM, Affinity.COLD, Affinity.MISSING)
+def by_affinity(values: Mapping[Affinity, T]) -> ByAffinity[T]:
+    return ByAffinity(
+        values[Affinity.HOT], values[Affinity.WARM], values[Affinity.COLD],
+        values[Affinity.MISSING],
+    )  # fmt: skip
+
+
+_AFFINITIES = ByAffinity(Affinity.HOT, Affinity.WARM, Affinity.COLD, Affinity.MISSING)
 
 
 def _classify(
@@ -303,7 +306,7 @@ def _classify(
     memories: list[_Memory],
     candidates: list[int],
     adapter: str,
-    values: _Values[T],
+    values: ByAffinity[T],
 ) -> list[T]:
     """The affinity at each candidate index, as its item of `values`, from index-aligned
     views, their `loaded` sets and up-to-date memories. Known not registered comes first

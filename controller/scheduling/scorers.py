@@ -14,7 +14,7 @@ from operator import attrgetter
 from typing import Final, cast
 
 from controller.scheduling.columns import Columns, known_or
-from controller.scheduling.residency import ResidencyTracker
+from controller.scheduling.residency import ResidencyTracker, by_affinity
 from controller.scheduling.types import Affinity, SchedulingRequest
 
 NEUTRAL: Final = 0.5
@@ -54,6 +54,7 @@ class LoraAffinityScorer:
 
     def __init__(self, residency: ResidencyTracker) -> None:
         self._residency = residency
+        self._scores = by_affinity(AFFINITY_SCORES)  # once: read on every decision
 
     def score(
         self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
@@ -61,7 +62,7 @@ class LoraAffinityScorer:
         if not request.is_adapter:
             return [1.0] * len(candidates)  # the base model is always loaded
         target = request.target
-        return self._residency.score_all(columns, candidates, target, now, AFFINITY_SCORES)
+        return self._residency.score_all(columns, candidates, target, now, self._scores)
 
 
 QUEUE_SCALE: Final = 2.0
