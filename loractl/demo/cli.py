@@ -44,8 +44,10 @@ class Pace:
 
 
 # Steps long enough that the split at each one is measured on a hundred requests or more.
+# At least 20 requests in both paces: the latency gate compares p95s, and the p95 of fewer
+# than 20 answers is the slowest one, so a single swap-in of the new adapter failed a step.
 NORMAL = Pace(warmup=10, pause="10s", min_requests=20, canary_timeout=90, refresh=1.0, tail=3)
-FAST = Pace(warmup=3, pause="5s", min_requests=10, canary_timeout=60, refresh=2.0, tail=1)
+FAST = Pace(warmup=3, pause="5s", min_requests=20, canary_timeout=60, refresh=2.0, tail=1)
 
 
 class DemoError(Exception):
