@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TypeVar, cast
 
-from controller.inventory import EndpointView
+from controller.inventory import EndpointView, MetricsObservation
 
 T = TypeVar("T")
 
@@ -52,13 +52,19 @@ class Columns:
         that it may read a whole column without gathering."""
         self.all_ready = True
         self.all_known = True
-        """Every endpoint has fresh metrics: no None in waiting, running and kv_free."""
+        """Every endpoint has fresh metrics: no None in waiting, running, in_flight and kv_free."""
         self.ready: list[bool] = []
         self.address: list[str] = []
         self.loaded: list[frozenset[str]] = []
         self.waiting: list[int | None] = []
         self.running: list[int | None] = []
         self.kv_free: list[float | None] = []
+        self.in_flight: list[int | None] = []
+        """running + waiting: what `sent` adds to (see scorers.InFlightScorer)."""
+        self.sent: list[int] = []
+        """Requests this pipeline sent to each endpoint since its metrics were last read:
+        the load a scrape has not shown yet (see `record_sent`)."""
+        self._metrics: list[MetricsObservation | None] = []
         self._holding: dict[str, list[int]] = {}
         """adapter → the indices where it is known registered, computed on first use and
         dropped when any endpoint's registered set changes (contents, not objects: a
@@ -74,6 +80,10 @@ class Columns:
             self._read(index, views[index])
         if changed:
             self._summarise()
+
+    def record_sent(self, index: int) -> None:
+        """Count a request sent to the endpoint at `index` until its next metrics."""
+        self.sent[index] += 1
 
     def gather(self, column: list[T], candidates: list[int]) -> list[T]:
         """The candidates' items of `column`, in candidate order (the column itself, not a
@@ -99,6 +109,9 @@ class Columns:
         self.address = [""] * count
         self.loaded = [_NOTHING] * count
         self.waiting, self.running, self.kv_free = [None] * count, [None] * count, [None] * count
+        self.in_flight = [None] * count
+        self.sent = [0] * count
+        self._metrics = [None] * count
         for index, view in enumerate(views):
             self._read(index, view)
         self._summarise()
@@ -106,7 +119,7 @@ class Columns:
 
     def _summarise(self) -> None:
         self.all_ready = all(self.ready)
-        self.all_known = None not in self.waiting  # the three are None together
+        self.all_known = None not in self.waiting  # the four are None together
 
     def _read(self, index: int, view: EndpointView) -> None:
         self.views[index] = view
@@ -116,9 +129,14 @@ class Columns:
             self._holding.clear()
         self.loaded[index] = view.loaded
         metrics = view.metrics
+        if metrics is not self._metrics[index]:  # a scrape (or staleness): it counts ours
+            self._metrics[index] = metrics
+            self.sent[index] = 0
         if metrics is None:
             self.waiting[index] = self.running[index] = self.kv_free[index] = None
+            self.in_flight[index] = None
         else:
             self.waiting[index] = metrics.waiting
             self.running[index] = metrics.running
+            self.in_flight[index] = metrics.running + metrics.waiting
             self.kv_free[index] = 1.0 - metrics.kv_cache_usage

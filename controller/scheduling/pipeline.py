@@ -104,6 +104,7 @@ class Pipeline:
         scores = [scorer.score(request, columns, candidates, now) for scorer in self.scorers]
         totals = _weighted_sum(scores, self.weights, len(candidates))
         chosen = self.picker.pick(totals)
+        columns.record_sent(candidates[chosen[0]])
         endpoints = [columns.views[candidates[index]] for index in chosen]
         return SchedulingResult(
             endpoints=endpoints,
@@ -155,10 +156,13 @@ def _weighted_sum(
 ) -> list[float]:
     """The sum of weight * score per candidate, as upstream. Not divided by the sum of the
     weights: the order would be the same, and totals stay comparable with upstream's logs."""
-    # One pass for the usual one to three scorers: a comprehension over the columns costs
+    # One pass for the usual one to four scorers: a comprehension over the columns costs
     # about half as much as adding them one at a time. By index, not zip: compiled, an
     # index loop is native, while zip builds and unpacks a tuple per candidate.
     count = len(columns)
+    if count == 4:  # the default profile
+        (a, b, c, d), (wa, wb, wc, wd) = columns, weights
+        return [wa * a[i] + wb * b[i] + wc * c[i] + wd * d[i] for i in range(candidates)]
     if count == 3:
         (a, b, c), (wa, wb, wc) = columns, weights
         return [wa * a[i] + wb * b[i] + wc * c[i] for i in range(candidates)]
@@ -169,7 +173,7 @@ def _weighted_sum(
         return [weights[0] * x for x in columns[0]]
     if count == 0:
         return [0.0] * candidates
-    totals = _weighted_sum(columns[:3], weights[:3], candidates)
-    for column, weight in zip(columns[3:], weights[3:], strict=True):
+    totals = _weighted_sum(columns[:4], weights[:4], candidates)
+    for column, weight in zip(columns[4:], weights[4:], strict=True):
         totals = [total + weight * score for total, score in zip(totals, column, strict=True)]
     return totals

@@ -39,8 +39,10 @@ from controller.scheduling.residency import (
     ResidencyTracker,
 )
 from controller.scheduling.scorers import (
+    IN_FLIGHT_SCALE,
     QUEUE_SCALE,
     RUNNING_SCALE,
+    InFlightScorer,
     KvCacheScorer,
     LoraAffinityScorer,
     QueueScorer,
@@ -66,17 +68,21 @@ __all__ = [
 DEFAULT_PROFILE: Final = """\
 filters: [ready, subset, adapter-registered]
 scorers:
-  - {name: lora-affinity, weight: 2}
+  - {name: lora-affinity, weight: 4}
   - {name: queue, weight: 2}
   - {name: kv-cache, weight: 2}
+  - {name: in-flight, weight: 2}
 picker: {name: max-score, fallbacks: 2}
 saturation: {queue_threshold: 5, kv_threshold: 0.8}
 residency: {default_max_lora: 4, idle_seconds: 300}
 """
-"""Ours: LoRA affinity balanced against load (see scorers.AFFINITY_SCORES). At weight 4 the
-affinity scorer out-weighed any queue once every pod's slots were full, so a popular
-adapter stayed on the few pods that grabbed it first and queued there (bench/RESULTS.md,
-routing quality); at 2 a queue moves it to another pod."""
+"""Ours: LoRA affinity balanced against load (see scorers.AFFINITY_SCORES). Affinity alone
+at weight 4 against the queue out-weighed any queue once every pod's slots were full, so a
+popular adapter stayed on the few pods that grabbed it first and queued there; at weight 2
+it spread, but pods with a full batch and nobody waiting yet still looked idle, and every
+decision between two scrapes saw the same figures. The in-flight scorer (counting what
+this picker sent since the last scrape) fixes both, and lets affinity weigh 4 again
+(bench/RESULTS.md, routing quality)."""
 
 
 class ProfileError(ValueError):
@@ -148,6 +154,12 @@ _SCORERS: Final[Mapping[str, _Plugin[Scorer]]] = {
     RunningRequestsScorer.name: _Plugin(
         lambda args, _residency: RunningRequestsScorer(
             args.number("scale", RUNNING_SCALE, positive=True)
+        ),
+        ("scale",),
+    ),
+    InFlightScorer.name: _Plugin(
+        lambda args, _residency: InFlightScorer(
+            args.number("scale", IN_FLIGHT_SCALE, positive=True)
         ),
         ("scale",),
     ),

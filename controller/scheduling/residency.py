@@ -89,7 +89,9 @@ class _Memory:
     one identity check tells that the observations did not change.
     """
 
-    __slots__ = ("absent", "lru", "metrics", "registered", "resident", "valid_until", "view")
+    __slots__ = (
+        "absent", "lru", "metrics", "pinned", "registered", "resident", "valid_until", "view"
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.lru: dict[str, float] = {}
@@ -104,6 +106,10 @@ class _Memory:
         self.absent = Affinity.WARM
         """Where an adapter that is not resident stands: WARM while a slot is believed
         free, COLD once every slot is taken (it would evict one)."""
+        self.pinned = False
+        """Every slot holds an adapter with requests running (at the last scrape): vLLM
+        cannot evict any of them, so a request for another adapter waits until one of
+        them has no request left, however long that takes."""
         self.valid_until = -math.inf
         """When the estimate must be derived again even if nothing else changed."""
 
@@ -252,8 +258,10 @@ class ResidencyTracker:
         memory.valid_until = math.inf
         if metrics is None:
             active, capacity = _NOTHING, self.default_max_lora
+            memory.pinned = False
         else:
             capacity = metrics.max_lora or self.default_max_lora
+            memory.pinned = len(metrics.running_adapters) >= capacity
             if metrics.gpu_adapters is not None:  # authoritative: nothing else to consult
                 memory.resident = metrics.gpu_adapters
                 memory.absent = _absent(len(metrics.gpu_adapters), capacity)
@@ -287,17 +295,21 @@ class ByAffinity(NamedTuple, Generic[T]):
     hot: T
     warm: T
     cold: T
+    pinned: T
+    """COLD on an endpoint whose every slot is pinned by running requests (`_Memory.pinned`)."""
     missing: T
 
 
-def by_affinity(values: Mapping[Affinity, T]) -> ByAffinity[T]:
+def by_affinity(values: Mapping[Affinity, T], pinned: T) -> ByAffinity[T]:
     return ByAffinity(
-        values[Affinity.HOT], values[Affinity.WARM], values[Affinity.COLD],
+        values[Affinity.HOT], values[Affinity.WARM], values[Affinity.COLD], pinned,
         values[Affinity.MISSING],
     )  # fmt: skip
 
 
-_AFFINITIES = ByAffinity(Affinity.HOT, Affinity.WARM, Affinity.COLD, Affinity.MISSING)
+_AFFINITIES = ByAffinity(
+    Affinity.HOT, Affinity.WARM, Affinity.COLD, Affinity.COLD, Affinity.MISSING
+)  # fmt: skip
 
 
 def _classify(
@@ -311,7 +323,7 @@ def _classify(
     """The affinity at each candidate index, as its item of `values`, from index-aligned
     views, their `loaded` sets and up-to-date memories. Known not registered comes first
     (MISSING); `loaded` answers most endpoints without the slower `registration`."""
-    hot, warm, cold, missing = values
+    hot, warm, cold, pinned, missing = values
     free_slot = Affinity.WARM
     return [
         missing
@@ -320,6 +332,8 @@ def _classify(
         if adapter in (memory := memories[i]).resident
         else warm
         if memory.absent is free_slot
+        else pinned
+        if memory.pinned
         else cold
         for i in candidates
     ]

@@ -9,8 +9,7 @@ The pipeline multiplies by the profile's weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from operator import attrgetter
+from collections.abc import Mapping
 from typing import Final, cast
 
 from controller.scheduling.columns import Columns, known_or
@@ -26,19 +25,29 @@ AFFINITY_SCORES: Final[Mapping[Affinity, float]] = {
     Affinity.COLD: 0.4,
     Affinity.MISSING: 0.0,
 }
-"""Why these values (with the default weights: affinity 2, queue 2, KV cache 2):
+"""Why these values (with the default weights: affinity 4, queue 2, in-flight 2, KV cache 2;
+among pods with equal affinity the load decides: one more request in flight costs 0.4
+points, one more waiting 1.07, the queue's 0.67 on top):
 
-- HOT → WARM costs 0.2 (0.4 points): a free slot is filled from vLLM's CPU cache in
-  milliseconds, so a request leaves a hot pod as soon as it would queue there behind
-  one more waiting request than at a pod with a free slot.
-- WARM → COLD costs 0.4 (0.8 points), twice as much: on a full pod the request evicts
-  another adapter that its users will pay to bring back, and when every slot is pinned
-  by running requests it waits until one adapter drains completely. HOT → COLD (1.2
-  points) is about two waiting requests: a popular adapter spreads to more pods as soon
-  as its pods queue, instead of queueing where it is hot.
+- HOT → WARM costs 0.2 (0.8 points): a free slot is filled from vLLM's CPU cache in
+  milliseconds, so a request leaves a hot pod for a free slot once the hot pod has three
+  more requests in flight, or one more waiting.
+- WARM → COLD costs 0.4 (1.6 points), twice as much: on a full pod the request evicts
+  another adapter that its users will pay to bring back. HOT → COLD (2.4 points) takes
+  about five more waiting requests: a popular adapter spreads to more pods once its pods
+  queue, not while their batches are merely busy (in-flight alone is worth under 2).
+- PINNED_SCORE (below) sits between COLD and MISSING.
 - COLD → MISSING costs the rest: a MISSING pod answers 404. The adapter-registered filter
   normally removes those; the value matters only when it had to keep them.
 """
+
+
+PINNED_SCORE: Final = 0.1
+"""A COLD endpoint whose every slot is pinned by running requests: the request waits there
+until one of those adapters has no request left (vLLM evicts only idle adapters), which
+at a full batch is a whole request's duration or more, not a swap of milliseconds. HOT →
+pinned (3.6 points) is more than any realistic load difference: a request goes there only
+when no pod holds its adapter or has a slot it could take. Reported as COLD."""
 
 
 class LoraAffinityScorer:
@@ -54,7 +63,7 @@ class LoraAffinityScorer:
 
     def __init__(self, residency: ResidencyTracker) -> None:
         self._residency = residency
-        self._scores = by_affinity(AFFINITY_SCORES)  # once: read on every decision
+        self._scores = by_affinity(AFFINITY_SCORES, PINNED_SCORE)  # once: read on every decision
 
     def score(
         self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
@@ -70,6 +79,9 @@ QUEUE_SCALE: Final = 2.0
 
 RUNNING_SCALE: Final = 8.0
 """The same for running requests: a few more sequences in a batch cost little."""
+
+IN_FLIGHT_SCALE: Final = 4.0
+"""The same for requests in flight (running, waiting and just sent)."""
 
 
 def relative_load(loads: list[int | None], scale: float, all_known: bool = False) -> list[float]:
@@ -95,21 +107,22 @@ def relative_load(loads: list[int | None], scale: float, all_known: bool = False
 
 
 class _RelativeLoadScorer:
-    """Scores one load column (a figure of vLLM's metrics) with `relative_load`."""
+    """Scores a load figure per candidate (`loads`) with `relative_load`."""
 
     kind: Final = "scorer"
 
-    def __init__(self, column: Callable[[Columns], list[int | None]], scale: float) -> None:
+    def __init__(self, scale: float) -> None:
         if scale <= 0:
             raise ValueError("scale must be positive")
-        self._column = column
         self._scale = scale
+
+    def loads(self, columns: Columns, candidates: list[int]) -> list[int | None]:
+        raise NotImplementedError
 
     def score(
         self, request: SchedulingRequest, columns: Columns, candidates: list[int], now: float
     ) -> list[float]:
-        loads = columns.gather(self._column(columns), candidates)
-        return relative_load(loads, self._scale, columns.all_known)
+        return relative_load(self.loads(columns, candidates), self._scale, columns.all_known)
 
 
 class QueueScorer(_RelativeLoadScorer):
@@ -118,7 +131,10 @@ class QueueScorer(_RelativeLoadScorer):
     name: Final = "queue"
 
     def __init__(self, scale: float = QUEUE_SCALE) -> None:
-        super().__init__(attrgetter("waiting"), scale)
+        super().__init__(scale)
+
+    def loads(self, columns: Columns, candidates: list[int]) -> list[int | None]:
+        return columns.gather(columns.waiting, candidates)
 
 
 class RunningRequestsScorer(_RelativeLoadScorer):
@@ -128,7 +144,30 @@ class RunningRequestsScorer(_RelativeLoadScorer):
     name: Final = "running-requests"
 
     def __init__(self, scale: float = RUNNING_SCALE) -> None:
-        super().__init__(attrgetter("running"), scale)
+        super().__init__(scale)
+
+    def loads(self, columns: Columns, candidates: list[int]) -> list[int | None]:
+        return columns.gather(columns.running, candidates)
+
+
+class InFlightScorer(_RelativeLoadScorer):
+    """Fewer requests in flight is better: running and waiting at the last scrape, plus
+    those this picker sent since (`Columns.sent`). The queue alone is a late signal: a pod
+    whose batch is full but has nobody waiting yet looks as good as an idle one, and every
+    decision between two scrapes (50 ms, a few requests at moderate load) sees the same
+    figures, so they would all pile onto the same pod."""
+
+    name: Final = "in-flight"
+
+    def __init__(self, scale: float = IN_FLIGHT_SCALE) -> None:
+        super().__init__(scale)
+
+    def loads(self, columns: Columns, candidates: list[int]) -> list[int | None]:
+        in_flight, sent = columns.in_flight, columns.sent
+        if columns.all_known:
+            known = cast(list[int], in_flight)
+            return [known[i] + sent[i] for i in candidates]
+        return [None if (load := in_flight[i]) is None else load + sent[i] for i in candidates]
 
 
 class KvCacheScorer:

@@ -30,7 +30,10 @@ from controller.scheduling.profile import (
 )
 from controller.scheduling.residency import ResidencyTracker
 from controller.scheduling.scorers import (
+    AFFINITY_SCORES,
     NEUTRAL,
+    PINNED_SCORE,
+    InFlightScorer,
     KvCacheScorer,
     LoraAffinityScorer,
     QueueScorer,
@@ -46,6 +49,7 @@ from controller.scheduling.upstream import (
 from tests.picker.test_residency import blind_view, make_view, metrics
 
 A, B, C, D = "10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000", "10.0.0.4:8000"
+E, F = "10.0.0.5:8000", "10.0.0.6:8000"
 
 
 def adapter_request(
@@ -172,16 +176,28 @@ def test_saturated_only_when_every_endpoint_is_over_a_threshold() -> None:
 def test_lora_affinity_scores_follow_residency() -> None:
     residency = ResidencyTracker()
     residency.record_assignment(B, "a", 0.0)
+    residency.record_assignment(D, "b", 0.0, max_lora=1)
     views = [
         make_view(A, observed=metrics(running=["a"])),
         make_view(B),  # idle, but we sent a there
         make_view(C),  # a free slot
-        make_view(D, observed=metrics(max_lora=1, running=["b"])),  # full
-        make_view("10.0.0.5:8000", registered=["b"]),
+        make_view(D, observed=metrics(max_lora=1)),  # full: b idle in the only slot
+        make_view(E, observed=metrics(max_lora=1, running=["b"])),  # full and pinned by b
+        make_view(F, registered=["b"]),
     ]
     scores = scored(LoraAffinityScorer(residency), adapter_request(), views, 1.0)
-    assert scores == [1.0, 1.0, 0.8, 0.4, 0.0]
-    assert scored(LoraAffinityScorer(residency), BASE_REQUEST, views, 1.0) == [1.0] * 5
+    assert scores == [1.0, 1.0, 0.8, 0.4, PINNED_SCORE, 0.0]
+    assert scored(LoraAffinityScorer(residency), BASE_REQUEST, views, 1.0) == [1.0] * 6
+    # Pinned is scored apart but reported as cold: the request still evicts b, later.
+    assert residency.classify(views[4], "a", 1.0) is Affinity.COLD
+
+
+def test_a_pinned_endpoint_scores_cold_again_once_a_slot_has_no_request() -> None:
+    scorer = LoraAffinityScorer(ResidencyTracker())
+    busy = [make_view(A, observed=metrics(max_lora=2, running=["b", "c"]))]
+    assert scored(scorer, adapter_request(), busy, 0.0) == [PINNED_SCORE]
+    drained = [make_view(A, observed=metrics(max_lora=2, running=["b"]))]  # c idle in a slot
+    assert scored(scorer, adapter_request(), drained, 1.0) == [AFFINITY_SCORES[Affinity.COLD]]
 
 
 def test_relative_load_halves_at_scale_above_the_least_loaded() -> None:
@@ -208,7 +224,42 @@ def test_running_requests_scorer_reads_running_requests() -> None:
     assert scored(RunningRequestsScorer(scale=8.0), adapter_request(), views, 0.0) == [0.5, 1.0]
 
 
-@pytest.mark.parametrize("scorer", [QueueScorer, RunningRequestsScorer])
+def test_in_flight_scorer_counts_the_requests_sent_since_the_last_scrape() -> None:
+    views = [make_view(A, observed=metrics(requests=3, queue=1)), make_view(B), blind_view(C)]
+    columns = columns_of(views)
+    for _ in range(4):
+        columns.record_sent(1)
+    scorer = InFlightScorer(scale=4.0)
+    assert scorer.score(adapter_request(), columns, columns.everyone, 0.0) == [1.0, 1.0, NEUTRAL]
+    columns.record_sent(1)
+    assert scorer.score(adapter_request(), columns, [0, 1], 0.0) == [1.0, 0.8]
+
+
+def test_requests_sent_count_until_the_next_metrics_of_that_endpoint() -> None:
+    observed = metrics(requests=2)
+    columns = columns_of([make_view(A, observed=observed), make_view(B)])
+    columns.record_sent(0)
+    columns.record_sent(0)
+    columns.record_sent(1)
+    # A new model list is a new view with the same metrics: the scrape has not seen them.
+    columns.update([make_view(A, observed=observed, registered=["a"]), make_view(B)])
+    assert columns.sent == [2, 0]
+    columns.update([make_view(A, observed=metrics(requests=4)), blind_view(B)])
+    assert columns.sent == [0, 0]
+
+
+def test_decisions_between_two_scrapes_spread_over_equal_endpoints() -> None:
+    pipeline = load_profile(
+        {"scorers": ["in-flight"], "picker": "max-score"}, rng=random.Random(7)
+    )
+    views = [make_view(A), make_view(B), make_view(C), make_view(D)]
+    chosen = [
+        pipeline.schedule(BASE_REQUEST, views, now=0.0).endpoints[0].address for _ in range(8)
+    ]
+    assert sorted(chosen[:4]) == sorted(chosen[4:]) == [A, B, C, D]
+
+
+@pytest.mark.parametrize("scorer", [QueueScorer, RunningRequestsScorer, InFlightScorer])
 def test_load_scorers_refuse_a_scale_of_zero(scorer: Callable[..., Scorer]) -> None:
     with pytest.raises(ValueError, match="scale"):
         scorer(scale=0.0)
@@ -267,17 +318,32 @@ def test_schedule_prefers_the_endpoint_holding_the_adapter() -> None:
     assert len(result.endpoints) == 3  # the best and two fallbacks
     assert result.affinity is Affinity.HOT
     assert set(result.scores) == set(addresses(result.endpoints))
-    assert result.scores[B] == {"lora-affinity": 1.0, "queue": 1.0, "kv-cache": 1.0, TOTAL: 6.0}
+    assert result.scores[B] == {
+        "lora-affinity": 1.0, "queue": 1.0, "kv-cache": 1.0, "in-flight": 1.0, TOTAL: 10.0
+    }  # fmt: skip
+
+
+def test_schedule_prefers_the_hot_endpoint_with_fewer_requests_in_flight() -> None:
+    pipeline = ours()
+    views = [
+        make_view(A, observed=metrics(running=["a"], requests=7)),  # a full batch, no queue
+        make_view(B, observed=metrics(running=["a"], requests=2)),
+        make_view(C, observed=metrics(running=["b", "c", "d", "e"], requests=4)),  # pinned
+    ]
+    assert addresses(pipeline.schedule(adapter_request(), views, now=0.0).endpoints) == [B, A, C]
 
 
 def test_schedule_remembers_its_assignment_so_the_adapter_stays_put() -> None:
     pipeline = ours()
-    views = [make_view(A), make_view(B), make_view(C)]
-    first = pipeline.schedule(adapter_request(), views, now=0.0)
+
+    def scraped() -> list[EndpointView]:  # idle again: the scrape shows the request done
+        return [make_view(A), make_view(B), make_view(C)]
+
+    first = pipeline.schedule(adapter_request(), scraped(), now=0.0)
     assert first.affinity is Affinity.WARM
     chosen = first.endpoints[0].address
     for step in range(1, 10):
-        again = pipeline.schedule(adapter_request(), views, now=float(step))
+        again = pipeline.schedule(adapter_request(), scraped(), now=float(step))
         assert again.endpoints[0].address == chosen
         assert again.affinity is Affinity.HOT
 
@@ -359,8 +425,9 @@ def test_should_shed_only_sheddable_requests_on_a_saturated_reachable_pool() -> 
 def test_default_profile_builds_our_pipeline() -> None:
     pipeline = ours()
     assert [f.name for f in pipeline.filters] == ["ready", "subset", "adapter-registered"]
-    assert [s.name for s in pipeline.scorers] == ["lora-affinity", "queue", "kv-cache"]
-    assert pipeline.weights == (2.0, 2.0, 2.0)
+    names = [s.name for s in pipeline.scorers]
+    assert names == ["lora-affinity", "queue", "kv-cache", "in-flight"]
+    assert pipeline.weights == (4.0, 2.0, 2.0, 2.0)
     assert isinstance(pipeline.picker, MaxScorePicker)
     assert pipeline.picker.fallbacks == 2
     assert pipeline.saturation == SaturationThresholds(queue_threshold=5, kv_threshold=0.8)
