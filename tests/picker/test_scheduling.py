@@ -206,6 +206,7 @@ def test_relative_load_halves_at_scale_above_the_least_loaded() -> None:
     assert relative_load([4, 4], 2.0) == [1.0, 1.0]
     assert relative_load([None, 1, 3], 2.0) == [NEUTRAL, 1.0, 0.5]
     assert relative_load([None, None], 2.0) == [NEUTRAL, NEUTRAL]
+    assert relative_load([5, 1, 9, 3], 4.0, all_known=True) == [0.5, 1.0, 1 / 3, 2 / 3]
 
 
 def test_queue_scorer_reads_waiting_requests() -> None:
@@ -249,9 +250,7 @@ def test_requests_sent_count_until_the_next_metrics_of_that_endpoint() -> None:
 
 
 def test_decisions_between_two_scrapes_spread_over_equal_endpoints() -> None:
-    pipeline = load_profile(
-        {"scorers": ["in-flight"], "picker": "max-score"}, rng=random.Random(7)
-    )
+    pipeline = load_profile({"scorers": ["in-flight"], "picker": "max-score"}, rng=random.Random(7))
     views = [make_view(A), make_view(B), make_view(C), make_view(D)]
     chosen = [
         pipeline.schedule(BASE_REQUEST, views, now=0.0).endpoints[0].address for _ in range(8)
