@@ -76,13 +76,13 @@ picker: {name: max-score, fallbacks: 2}
 saturation: {queue_threshold: 5, kv_threshold: 0.8}
 residency: {default_max_lora: 4, idle_seconds: 300}
 """
-"""Ours: LoRA affinity balanced against load (see scorers.AFFINITY_SCORES). Affinity alone
-at weight 4 against the queue out-weighed any queue once every pod's slots were full, so a
-popular adapter stayed on the few pods that grabbed it first and queued there; at weight 2
-it spread, but pods with a full batch and nobody waiting yet still looked idle, and every
-decision between two scrapes saw the same figures. The in-flight scorer (counting what
-this picker sent since the last scrape) fixes both, and lets affinity weigh 4 again
-(bench/RESULTS.md, routing quality)."""
+"""Ours: LoRA affinity balanced against load (see scorers.AFFINITY_SCORES). With only the
+queue and KV cache against it, affinity at weight 4 out-weighed any queue once every pod's
+slots were full, so a popular adapter stayed on the few pods that grabbed it first and
+queued there; at weight 2 it spread, but a pod with a full batch and nobody waiting yet
+still looked idle, and every decision between two scrapes saw the same figures. The
+in-flight scorer (which counts what this picker sent since the last scrape) answers
+both, with affinity back at 4 to keep swaps down (bench/RESULTS.md, routing quality)."""
 
 
 class ProfileError(ValueError):
