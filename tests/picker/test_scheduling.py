@@ -477,6 +477,14 @@ def test_plugin_names_list_the_registry() -> None:
             "unknown key 'scael'; valid keys: name, weight, scale",
         ),
         ("scorers: [{name: queue, scale: 0}]", "scorers[0] (queue).scale: expected a positive"),
+        (
+            "scorers: [queue, {name: in-flight, scale: -4}]",
+            "scorers[1] (in-flight).scale: expected a positive",
+        ),
+        (
+            "scorers: [{name: in-flight, weight: 2, scael: 4}]",
+            "scorers[0] (in-flight): unknown key 'scael'; valid keys: name, weight, scale",
+        ),
         ("scorers: [{name: queue}, {name: queue}]", "scorers: 'queue' is listed twice"),
         ("picker: {name: max-score, fallbacks: -1}", "fallbacks: expected an integer >= 0"),
         ("picker: {name: max-score, fallbacks: 1.5}", "fallbacks: expected an integer >= 0"),
