@@ -43,6 +43,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
 from bench.sim_throughput import busy_cpu_seconds, cpu_model, process_cpu_seconds
+from controller.extproc.outcomes import Outcomes
 from controller.extproc.router import Reject, Route
 from controller.extproc.server import ExternalProcessor
 
@@ -105,8 +106,11 @@ def _messages(kind: str) -> list[pb.ProcessingRequest]:
 def _serve(kind: str, ready: Connection) -> None:
     async def main() -> None:
         server = grpc.aio.server()
+        router = ConstantRouter()
         servicer = (
-            BareProcessor() if kind.startswith("bare") else ExternalProcessor(ConstantRouter())
+            BareProcessor()
+            if kind.startswith("bare")
+            else ExternalProcessor(router, Outcomes(router.on_response))
         )
         pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")

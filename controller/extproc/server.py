@@ -6,6 +6,11 @@ headers. Every message gets exactly one answer, in order; the picker decides onc
 body is in. The destination goes out as the `x-gateway-destination-endpoint` header and as
 `envoy.lb` dynamic metadata; a refusal goes out as an immediate JSON error.
 
+How each routed request ended (status, latency) reaches the router through `Outcomes`: from
+the response headers when the gateway sends them on the stream, or from Envoy's gRPC access
+log (`access_log`), which the same server receives; the route id that ties an access log
+entry to its request goes out as dynamic metadata beside the destination.
+
 Where the routing header can still change the destination depends on the body mode Envoy
 announces on the stream (`protocol_config`):
 
@@ -32,6 +37,7 @@ import grpc
 import structlog
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
@@ -39,6 +45,8 @@ from google.protobuf import struct_pb2, wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from controller.extproc.access_log import ROUTE_ID_KEY, ROUTE_NAMESPACE, AccessLogReceiver
+from controller.extproc.outcomes import DEFAULT_GRACE_S, Outcomes
 from controller.extproc.router import Reject, Route, Router
 
 log = structlog.get_logger("picker")
@@ -179,27 +187,32 @@ def _routing(endpoints: list[str], new_body: bytes | None) -> pb.CommonResponse:
     )
 
 
-def _destination_metadata(endpoints: list[str]) -> struct_pb2.Struct:
+def _route_metadata(endpoints: list[str], route_id: str) -> struct_pb2.Struct:
     metadata = struct_pb2.Struct()
-    namespace = metadata.fields[DESTINATION_NAMESPACE].struct_value
-    namespace.fields[DESTINATION_HEADER].string_value = ",".join(endpoints)
+    destination = metadata.fields[DESTINATION_NAMESPACE].struct_value
+    destination.fields[DESTINATION_HEADER].string_value = ",".join(endpoints)
+    metadata.fields[ROUTE_NAMESPACE].struct_value.fields[ROUTE_ID_KEY].string_value = route_id
     return metadata
 
 
-def _headers_answer(endpoints: list[str], new_body: bytes | None) -> pb.ProcessingResponse:
+def _headers_answer(
+    endpoints: list[str], new_body: bytes | None, route_id: str
+) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(
         request_headers=pb.HeadersResponse(response=_routing(endpoints, new_body)),
-        dynamic_metadata=_destination_metadata(endpoints),
+        dynamic_metadata=_route_metadata(endpoints, route_id),
     )
 
 
-def _body_answer(endpoints: list[str], new_body: bytes | None) -> pb.ProcessingResponse:
+def _body_answer(
+    endpoints: list[str], new_body: bytes | None, route_id: str
+) -> pb.ProcessingResponse:
     common = _routing(endpoints, new_body)
     if new_body is not None:
         common.body_mutation.body = new_body
     return pb.ProcessingResponse(
         request_body=pb.BodyResponse(response=common),
-        dynamic_metadata=_destination_metadata(endpoints),
+        dynamic_metadata=_route_metadata(endpoints, route_id),
     )
 
 
@@ -266,8 +279,9 @@ class _Exchange:
     upstream gets the new body whole whichever way Envoy cut the original.
     """
 
-    def __init__(self, router: Router, max_body_bytes: int) -> None:
+    def __init__(self, router: Router, outcomes: Outcomes, max_body_bytes: int) -> None:
         self._router = router
+        self._outcomes = outcomes
         self._max_body_bytes = max_body_bytes
         self._mode = _UNANNOUNCED
         self._phase = _Phase.IDLE
@@ -276,7 +290,7 @@ class _Exchange:
         self._subset: list[str] | None = None
         self._chunks: list[bytes] = []
         self._size = 0
-        self._context: object = None
+        self._route_id = ""
 
     def handle(self, request: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         if request.HasField("protocol_config"):  # Envoy sends it on the first message only
@@ -298,19 +312,18 @@ class _Exchange:
         return []
 
     def close(self) -> None:
-        """The stream ended: a routed request that never saw its response still ends here."""
+        """The stream ended: a routed request without response headers waits for the log."""
         if self._phase is _Phase.BODY:
             log.info("picker_stream_closed_before_body_end", received_bytes=self._size)
         elif self._phase is _Phase.ROUTED:
-            # Status 0: no response reached Envoy (client gone, upstream reset, timeout).
-            self._report(0)
+            self._outcomes.unanswered(self._route_id)
         self._phase = _Phase.DONE
 
     def _on_request_headers(self, request: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         if self._phase is not _Phase.IDLE:
             log.warning("picker_request_headers_again", phase=self._phase.name)
             self.close()
-            self._chunks, self._size, self._context = [], 0, None
+            self._chunks, self._size = [], 0
         self._started = time.monotonic()
         self._headers = _headers_dict(request.request_headers.headers)
         self._subset = _subset_hint(request.metadata_context)
@@ -340,7 +353,8 @@ class _Exchange:
 
     def _on_response_headers(self, headers: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
         if self._phase is _Phase.ROUTED:
-            self._report(_status(headers.headers))
+            elapsed = time.monotonic() - self._started
+            self._outcomes.answered(self._route_id, _status(headers.headers), elapsed)
         self._phase = _Phase.DONE
         return [_CONTINUE_RESPONSE_HEADERS]
 
@@ -374,7 +388,7 @@ class _Exchange:
             self._phase = _Phase.DONE
             return [_immediate(decision)]
         self._accept(decision)
-        return [_headers_answer(decision.endpoints, None)]
+        return [_headers_answer(decision.endpoints, None, self._route_id)]
 
     def _decide_on_body(self) -> list[pb.ProcessingResponse]:
         body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
@@ -383,15 +397,17 @@ class _Exchange:
             self._phase = _Phase.DONE
             return [_immediate(decision)]
         self._accept(decision)
+        endpoints, route_id = decision.endpoints, self._route_id
         if self._mode.full_duplex:
             new_body = body if decision.body is None else decision.body
-            return [_headers_answer(decision.endpoints, decision.body), *_streamed_body(new_body)]
+            headers = _headers_answer(endpoints, decision.body, route_id)
+            return [headers, *_streamed_body(new_body)]
         earlier = self._earlier_chunk_answers(decision.body)
         if self._mode.hold_headers:
             last = _CONTINUE_REQUEST_BODY if decision.body is None else _replace_body(decision.body)
-            return [_headers_answer(decision.endpoints, decision.body), *earlier, last]
+            return [_headers_answer(endpoints, decision.body, route_id), *earlier, last]
         # The headers are still held by Envoy (BUFFERED): route on the last body answer.
-        return [*earlier, _body_answer(decision.endpoints, decision.body)]
+        return [*earlier, _body_answer(endpoints, decision.body, route_id)]
 
     def _earlier_chunk_answers(self, new_body: bytes | None) -> list[pb.ProcessingResponse]:
         """Answers to all chunks but the last: emptied when the last one carries a new body."""
@@ -400,20 +416,20 @@ class _Exchange:
 
     def _accept(self, route: Route) -> None:
         self._phase = _Phase.ROUTED
-        self._context = route.context
-
-    def _report(self, status: int) -> None:
-        try:
-            self._router.on_response(self._context, status, time.monotonic() - self._started)
-        except Exception:
-            log.exception("picker_on_response_failed", status=status)
+        self._route_id = self._outcomes.open(route.context, self._started)
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """The ext_proc servicer; `serve_picker` mounts it, tests may mount it elsewhere."""
 
-    def __init__(self, router: Router, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        router: Router,
+        outcomes: Outcomes,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
         self._router = router
+        self._outcomes = outcomes
         self._max_body_bytes = max_body_bytes
 
     async def Process(
@@ -421,7 +437,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        exchange = _Exchange(self._router, self._max_body_bytes)
+        exchange = _Exchange(self._router, self._outcomes, self._max_body_bytes)
         try:
             async for request in request_iterator:
                 try:
@@ -444,11 +460,19 @@ class PickerServer:
     health_port: int
     _servers: list[grpc.aio.Server]
     _health: health_aio.HealthServicer
+    _expiry: asyncio.Task[None]
 
     async def stop(self, grace: float = 1.0) -> None:
         """Report NOT_SERVING, then let streams in flight finish for up to `grace` seconds."""
         await self._health.enter_graceful_shutdown()
         await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        self._expiry.cancel()
+
+
+async def _expire_outcomes(outcomes: Outcomes, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        outcomes.expire()
 
 
 def _server(max_message_bytes: int) -> grpc.aio.Server:
@@ -477,19 +501,26 @@ async def serve_picker(
     health_port: int,
     tls: tuple[str | Path, str | Path] | None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    outcome_grace_s: float = DEFAULT_GRACE_S,
 ) -> PickerServer:
-    """Start the ext_proc server (with gRPC health) on `port` and gRPC health on `health_port`.
+    """Start the ext_proc server (with gRPC health and the access log service) on `port` and
+    gRPC health on `health_port`.
 
     Port 0 picks a free port (see the returned `PickerServer`). `tls` is (cert, key) PEM files
     for the ext_proc port; the health port stays plaintext because kubelet gRPC probes cannot
-    speak TLS. A `health_port` equal to a non-zero `port` serves health there only.
+    speak TLS. A `health_port` equal to a non-zero `port` serves health there only. A routed
+    request whose stream closed without response headers is reported with status 0 unless
+    the access log tells its outcome within `outcome_grace_s`.
     """
     health = health_aio.HealthServicer()
     for service in HEALTH_SERVICES:
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
+    outcomes = Outcomes(router.on_response, grace_s=outcome_grace_s)
     main = _server(max_body_bytes + _MESSAGE_OVERHEAD_BYTES)
-    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(router, max_body_bytes), main)
+    processor = ExternalProcessor(router, outcomes, max_body_bytes)
+    pb_grpc.add_ExternalProcessorServicer_to_server(processor, main)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(outcomes), main)
     health_pb2_grpc.add_HealthServicer_to_server(health, main)
     tls_paths = None if tls is None else (Path(tls[0]), Path(tls[1]))
     bound_port = _bind(main, f"{host}:{port}", tls_paths)
@@ -510,4 +541,7 @@ async def serve_picker(
         health_port=bound_health_port,
         tls=tls is not None,
     )
-    return PickerServer(bound_port, bound_health_port, servers, health)
+    expiry = asyncio.create_task(
+        _expire_outcomes(outcomes, min(1.0, outcome_grace_s / 2)), name="picker outcomes"
+    )
+    return PickerServer(bound_port, bound_health_port, servers, health, expiry)

@@ -28,14 +28,17 @@ import pytest_asyncio
 from aiohttp import web
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2
 
+from controller.extproc.access_log import ROUTE_ID_KEY, ROUTE_NAMESPACE
 from controller.extproc.envoy_config import (
     BodyMode,
     EnvoyNotInstalledError,
+    OutcomeSource,
     envoy_bootstrap,
     envoy_process,
     round_robin_bootstrap,
@@ -45,9 +48,10 @@ from controller.extproc.router import Reject, Route, Router
 from controller.extproc.server import PickerServer, serve_picker
 from loractl.processes import ChildProcess, ChildProcessError, free_port
 from tests.conftest import SimulatorFactory
-from tests.support.envoy import connection_manager, subset_hint
+from tests.support.envoy import access_log_entry, connection_manager, subset_hint
 from tests.support.simulators import simulator_process
 
+OUTCOME_GRACE_S = 0.2  # the access log flushes every 0.1 s
 MODELS = ("model-a", "model-b", "model-c")
 SIMULATOR_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 ECHO_HOSTS = ("127.0.0.5", "127.0.0.6")
@@ -87,6 +91,13 @@ class RecordingRouter:
 
     def on_response(self, context: object, status: int, elapsed_seconds: float) -> None:
         self.responses.append((context, status, elapsed_seconds))
+
+    async def reported(self, count: int) -> list[tuple[object, int, float]]:
+        """The outcomes, once `count` are in: the access log tells them after the answers."""
+        async with asyncio.timeout(5):
+            while len(self.responses) < count:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        return self.responses
 
 
 @dataclass
@@ -213,7 +224,13 @@ class Gateway:
     async def restart_picker(self) -> None:
         """Start the picker again on the port Envoy knows."""
         self.picker = await serve_picker(
-            self.router, "127.0.0.1", self.picker.port, 0, self.tls, self.max_body_bytes
+            self.router,
+            "127.0.0.1",
+            self.picker.port,
+            0,
+            self.tls,
+            self.max_body_bytes,
+            OUTCOME_GRACE_S,
         )
 
     async def counter(self, name: str) -> int:
@@ -237,6 +254,7 @@ class GatewayFactory(Protocol):
         max_body_bytes: int = 10 * 1024 * 1024,
         tls: tuple[Path, Path] | None = None,
         tweak: Callable[[dict[str, Any]], None] | None = None,
+        outcomes: OutcomeSource = "access_log",
     ) -> Awaitable[Gateway]: ...
 
 
@@ -257,8 +275,9 @@ async def start_gateway(
         max_body_bytes: int = 10 * 1024 * 1024,
         tls: tuple[Path, Path] | None = None,
         tweak: Callable[[dict[str, Any]], None] | None = None,
+        outcomes: OutcomeSource = "access_log",
     ) -> Gateway:
-        picker = await serve_picker(router, "127.0.0.1", 0, 0, tls, max_body_bytes)
+        picker = await serve_picker(router, "127.0.0.1", 0, 0, tls, max_body_bytes, OUTCOME_GRACE_S)
         listen_port, admin_port = free_port(), free_port()
         config = envoy_bootstrap(
             listen_port,
@@ -270,6 +289,7 @@ async def start_gateway(
             picker_tls=tls is not None,
             picker_timeout_s=5,
             listen_host="127.0.0.1",
+            outcomes=outcomes,
         )
         if tweak is not None:
             tweak(config)
@@ -335,14 +355,52 @@ async def test_requests_go_where_the_router_says(
     assert router.calls[-1].headers[":path"] == "/v1/models"
     assert router.calls[0].headers[":method"] == "POST"
     assert json.loads(router.calls[0].body) == completion("model-a")
-    assert [(context, status) for context, status, _ in router.responses] == [
+    responses = await router.reported(5)
+    assert [(context, status) for context, status, _ in responses] == [
         ("model-a", 200),
         ("model-b", 200),
         ("model-c", 200),
         ("model-b", 200),
         ("/v1/models", 200),
     ]
-    assert all(0 < elapsed < 5 for _, _, elapsed in router.responses)
+    assert all(0 < elapsed < 5 for _, _, elapsed in responses)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("outcomes", "messages_per_request"), [("access_log", 2), ("response_headers", 3)]
+)
+async def test_each_outcome_is_reported_once_from_either_source(
+    start_gateway: GatewayFactory,
+    simulators: dict[str, str],
+    outcomes: OutcomeSource,
+    messages_per_request: int,
+) -> None:
+    unreachable = f"127.0.0.1:{free_port()}"
+    router = ModelRouter(
+        endpoints={
+            "model-a": [simulators["model-a"]],
+            "wrong-pod": [simulators["model-b"]],  # serves only model-b: 404
+            "gone-pod": [unreachable],  # Envoy answers 503 itself
+        }
+    )
+    gateway = await start_gateway(router, outcomes=outcomes)
+    async with client(gateway) as http:
+        statuses = [
+            (await http.post("/v1/completions", json=completion(model))).status_code
+            for model in ("model-a", "wrong-pod", "gone-pod")
+        ]
+    assert statuses == [200, 404, 503]
+    responses = await router.reported(3)
+    await asyncio.sleep(2 * OUTCOME_GRACE_S)  # no second report, and no status 0 either
+    assert [(context, status) for context, status, _ in responses] == [
+        ("model-a", 200),
+        ("wrong-pod", 404),
+        ("gone-pod", 503),
+    ]
+    assert all(0 < elapsed < 5 for _, _, elapsed in responses)
+    sent = await gateway.counter("http.gateway.ext_proc.stream_msgs_sent")
+    assert sent == 3 * messages_per_request
 
 
 @pytest.mark.asyncio
@@ -358,7 +416,7 @@ async def test_rewritten_model_reaches_the_simulator(
         answer = await http.post("/v1/completions", json=completion("food-review"))
     assert answer.status_code == 200, answer.text
     assert answer.json()["model"] == "model-b"
-    assert router.responses[0][:2] == ("food-review", 200)
+    assert (await router.reported(1))[0][:2] == ("food-review", 200)
 
 
 @pytest.mark.asyncio
@@ -384,13 +442,13 @@ async def test_rewritten_body_arrives_whole_with_its_length(
     if body_mode == "buffered":
         assert header_values(echoed, "content-length") == [str(len(expected))]
         assert header_values(echoed, "transfer-encoding") == []  # the client sent it chunked
-        messages = 3  # request headers, the whole body, response headers
+        messages = 2  # request headers, the whole body (the access log tells the outcome)
     else:
         # Envoy drops content-length when the body may change while streaming, and sends
         # the new body chunked instead.
         assert header_values(echoed, "content-length") == []
         assert header_values(echoed, "transfer-encoding") == ["chunked"]
-        messages = 4  # at least two body chunks
+        messages = 3  # request headers, at least two body chunks
     assert await gateway.counter("http.gateway.ext_proc.stream_msgs_sent") >= messages
 
 
@@ -513,7 +571,7 @@ async def test_sse_stream_passes_through_untouched_and_as_it_is_made(
     assert through_envoy == direct
     assert len(through_envoy) == 9  # 8 tokens and [DONE]
     assert envoy_lead > 0.5  # the first token came long before the last
-    assert [status for _, status, _ in router.responses] == [200]
+    assert [status for _, status, _ in await router.reported(1)] == [200]
 
 
 def _normalized(event: dict[str, Any]) -> dict[str, Any]:
@@ -685,7 +743,9 @@ async def picker_channel() -> AsyncIterator[Callable[[Router, int], Awaitable[gr
     channels: list[grpc.aio.Channel] = []
 
     async def start(router: Router, max_body_bytes: int = 1024 * 1024) -> grpc.aio.Channel:
-        server = await serve_picker(router, "127.0.0.1", 0, 0, None, max_body_bytes)
+        server = await serve_picker(
+            router, "127.0.0.1", 0, 0, None, max_body_bytes, OUTCOME_GRACE_S
+        )
         servers.append(server)
         channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{server.port}"))
         return channels[-1]
@@ -971,13 +1031,15 @@ async def test_odd_message_orders_never_break_the_server(
         "closed after the headers": ["request_headers"],
         "nothing at all": [],
     }
-    # Routed requests whose response never came are still reported, with status 0.
-    assert [status for _, status, _ in router.responses] == [0] * len(router.responses)
-    assert len(router.responses) == 5
+    # Routed requests whose response never came are still reported, with status 0, once
+    # no access log entry told otherwise in time.
+    assert [status for _, status, _ in await router.reported(5)] == [0] * 5
     # And the server still serves a plain exchange.
     final = await exchange(channel, request_headers(end_of_stream=True), response_headers(200))
     assert kinds(final) == ["request_headers", "response_headers"]
     assert router.responses[-1][1] == 200
+    await asyncio.sleep(2 * OUTCOME_GRACE_S)
+    assert len(router.responses) == 6  # each reported once
 
 
 @pytest.mark.asyncio
@@ -989,12 +1051,8 @@ async def test_a_client_that_goes_away_mid_request_is_reported(
     call = pb_grpc.ExternalProcessorStub(channel).Process()
     await call.write(request_headers(end_of_stream=True))
     assert (await call.read()).WhichOneof("response") == "request_headers"
-    call.cancel()
-    for _ in range(100):  # the server notices the cancellation asynchronously
-        if router.responses:
-            break
-        await asyncio.sleep(0.01)
-    assert [(context, status) for context, status, _ in router.responses] == [("gone", 0)]
+    call.cancel()  # the server notices asynchronously, then waits for an access log entry
+    assert [(context, status) for context, status, _ in await router.reported(1)] == [("gone", 0)]
 
 
 async def _health(channel: grpc.aio.Channel, service: str) -> int:
@@ -1028,3 +1086,30 @@ async def test_health_is_served_on_both_ports() -> None:
                 assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await server.stop(grace=0)
+
+
+@pytest.mark.asyncio
+async def test_access_log_entries_report_routed_requests_and_nothing_else(
+    picker_channel: Callable[[Router, int], Awaitable[grpc.aio.Channel]],
+) -> None:
+    router = FixedRouter(answer=Route(["10.0.0.1:80"], context="ctx"))
+    channel = await picker_channel(router, 1024)
+    answers = await exchange(channel, request_headers(end_of_stream=True))  # no response headers
+    route = answers[0].dynamic_metadata.fields[ROUTE_NAMESPACE].struct_value
+    route_id = route.fields[ROUTE_ID_KEY].string_value
+    batches = [
+        als_pb2.StreamAccessLogsMessage(),  # Envoy's first message may carry only who it is
+        als_pb2.StreamAccessLogsMessage(
+            http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
+                log_entry=[
+                    access_log_entry(None, 400),  # refused by the picker: not ours
+                    access_log_entry("another-picker-7", 500),
+                    access_log_entry(route_id, 429),
+                    access_log_entry(route_id, 200),  # told twice: the first one counts
+                ]
+            )
+        ),
+    ]
+    await als_pb2_grpc.AccessLogServiceStub(channel).StreamAccessLogs(iter(batches))
+    await asyncio.sleep(2 * OUTCOME_GRACE_S)  # past the grace: no status 0 comes after it
+    assert router.responses == [("ctx", 429, 0.12)]
