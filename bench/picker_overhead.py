@@ -27,7 +27,8 @@ so is the whole machine's: the "other" column is what ran beside the benchmark.
 
     python -m bench.picker_overhead [--sims 4] [--concurrency 32] [--latency-concurrency 1,4]
                                     [--rounds 3] [--duration 5] [--warmup 1]
-                                    [--body-mode buffered] [--no-pause-picker] [--json-only]
+                                    [--body-mode buffered] [--outcomes access_log]
+                                    [--no-pause-picker] [--json-only]
 
 Prints a table, then one JSON object on the last line. Exit status 1 if any request failed.
 """
@@ -60,6 +61,7 @@ import yaml
 from bench.sim_throughput import busy_cpu_seconds, cpu_model, percentile_ms, process_cpu_seconds
 from controller.extproc.envoy_config import (
     BodyMode,
+    OutcomeSource,
     envoy_bootstrap,
     envoy_process,
     round_robin_bootstrap,
@@ -275,6 +277,7 @@ def start_pool(args: argparse.Namespace, work: Path, children: list[ChildProcess
                 admin_port=admin,
                 listen_host="127.0.0.1",
                 body_mode=args.body_mode,
+                outcomes=args.outcomes,
             )
             if name == "envoy-picker"
             else round_robin_bootstrap(listen, addresses, admin, listen_host="127.0.0.1")
@@ -603,6 +606,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "body_mode": args.body_mode,
+        "outcomes": args.outcomes,
         "picker_paused_during_rr": args.pause_picker,
         "max_tokens": MAX_TOKENS,
         "python": platform.python_version(),
@@ -642,6 +646,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per phase")
     parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds per phase")
     parser.add_argument("--body-mode", choices=get_args(BodyMode), default="buffered")
+    parser.add_argument(
+        "--outcomes",
+        choices=get_args(OutcomeSource),
+        default="access_log",
+        help="how Envoy tells the picker each request's outcome",
+    )
     parser.add_argument(
         "--no-pause-picker",
         dest="pause_picker",
