@@ -202,6 +202,7 @@ class StartFlags:
     min_requests: int = 20
     sticky_header: str | None = None
     keep_on_abort: bool = False
+    drain: str = "10s"
     name: str | None = None
 
 
@@ -242,6 +243,7 @@ def plan_rollout(flags: StartFlags, cluster: ClusterSnapshot) -> Plan:
     steps = _steps(draft)
     gates = _gates(draft)
     _check_sticky_header(draft)
+    _check_drain(draft)
     _check_to(draft)
     split = _split(draft)
     from_id = _from_id(draft, split)
@@ -268,6 +270,7 @@ def plan_rollout(flags: StartFlags, cluster: ClusterSnapshot) -> Plan:
         "steps": steps,
         "gates": gates,
         "keepOnAbort": flags.keep_on_abort,
+        "drain": flags.drain,
     }
     if flags.sticky_header is not None:
         spec["stickiness"] = {"header": flags.sticky_header}
@@ -428,6 +431,15 @@ def _check_sticky_header(draft: _Draft) -> None:
             f"--sticky-header {header!r} is not an HTTP header name: use letters, digits and "
             "'-', e.g. x-user-id"
         )
+
+
+def _check_drain(draft: _Draft) -> None:
+    from controller.rollout.spec import DurationError, parse_duration
+
+    try:
+        parse_duration(draft.flags.drain)
+    except DurationError as error:
+        draft.problems.append(f"--drain: {error}")
 
 
 def _check_to(draft: _Draft) -> None:
@@ -1213,6 +1225,13 @@ def _register_start(commands: Subparsers, common: argparse.ArgumentParser) -> No
         action="store_true",
         help="leave --to loaded after an abort (to debug it)",
     )
+    plan.add_argument(
+        "--drain",
+        metavar="D",
+        default="10s",
+        help="how long the adapter leaving the traffic stays loaded once the weights moved "
+        "off it, so requests already routed to it finish: 30s, 5m (default: 10s)",
+    )
     start.add_argument("--name", help="AdapterRollout name (default: MODEL-TO, made DNS-safe)")
     start.add_argument("--watch", action="store_true", help="then follow it like `status --watch`")
     start.set_defaults(run=run_start, output="table", interval=WATCH_INTERVAL)
@@ -1512,6 +1531,7 @@ def run_start(args: argparse.Namespace) -> int:
         min_requests=args.min_requests,
         sticky_header=args.sticky_header,
         keep_on_abort=args.keep_on_abort,
+        drain=args.drain,
         name=args.name,
     )
     cluster = connect(args)

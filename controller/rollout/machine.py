@@ -25,7 +25,13 @@ is done twice in effect, and a step is entered exactly when the status says so.
 Every transition adds a history entry and an Event. The actions are not a log of
 transitions but the difference between the world the status implies and the
 world observed, so calling `advance` again after applying them yields none, and
-a terminal phase, once recorded, asks for nothing even if the world drifts.
+a terminal phase, once its work is done, asks for nothing even if the world drifts.
+
+The adapter leaving the traffic (`from` on promotion, `to` on an abort after it had
+some) is unlisted only once it is drained: `spec.drain` after the InferenceModel is
+seen without it (status.unlistAfter).
+Unlisting at once would unload it under requests already routed to it, and under
+pickers that have not seen the new weights yet: clients would get 404s.
 
 `from` is required: the CLI fills it from the InferenceModel, and a model's first
 adapter needs no canary (there is nothing to compare it with). Weights are the
@@ -162,9 +168,14 @@ def advance(spec: RolloutSpec, status: RolloutStatus, observation: Observation) 
     else:
         raise AssertionError(f"rollout did not settle after {_MAX_TRANSITIONS} transitions")
     state = state.model_copy(update={"observed_generation": observation.generation})
-    # A terminal phase reached earlier is left alone: the world may have moved on since.
-    settled = state.phase in TERMINAL_PHASES and not events
-    world = () if settled else _world_actions(spec, state, observation)
+    # A terminal phase reached earlier is left alone (the world may have moved on since),
+    # once the adapter it unlists is drained and gone.
+    draining = state.unlist_after is not None
+    settled = state.phase in TERMINAL_PHASES and not events and not draining
+    world = () if settled else _world_actions(spec, state, observation, now)
+    if draining:
+        unlist_after = _unlist_after(spec, state, observation, now)
+        state = state.model_copy(update={"unlist_after": unlist_after})
     return Decision(state, (*world, *events))
 
 
@@ -447,16 +458,33 @@ def _enter_step(
 
 
 def _promote(spec: RolloutSpec, status: RolloutStatus, now: datetime, why: str) -> _Outcome:
-    message = f"{why}: all traffic to {spec.to.id}, {spec.from_.id} moved to ensureNotExist"
+    message = (
+        f"{why}: all traffic to {spec.to.id}, {spec.from_.id} moves to ensureNotExist "
+        f"once drained ({spec.drain})"
+    )
     return _transition(
-        status, now, Phase.PROMOTED, "Promoted", message, weights={spec.to.id: 100}, to_weight=100
+        status,
+        now,
+        Phase.PROMOTED,
+        "Promoted",
+        message,
+        weights={spec.to.id: 100},
+        to_weight=100,
+        unlist_after=now + parse_duration(spec.drain),
     )
 
 
 def _abort(
     spec: RolloutSpec, status: RolloutStatus, now: datetime, reason: str, why: str
 ) -> _Outcome:
-    kept = "kept (keepOnAbort)" if spec.keep_on_abort else "moved to ensureNotExist"
+    unlist_after = None  # at once: no traffic was ever sent to it
+    if spec.keep_on_abort:
+        kept = "kept (keepOnAbort)"
+    elif status.to_weight > 0:
+        kept = f"moves to ensureNotExist once drained ({spec.drain})"
+        unlist_after = now + parse_duration(spec.drain)
+    else:
+        kept = "moved to ensureNotExist"
     message = f"{why}; all traffic back to {spec.from_.id}, {spec.to.id} {kept}"
     return _transition(
         status,
@@ -467,6 +495,7 @@ def _abort(
         warning=True,
         weights={spec.from_.id: 100},
         to_weight=0,
+        unlist_after=unlist_after,
     )
 
 
@@ -497,7 +526,7 @@ def _transition(
 
 
 def _world_actions(
-    spec: RolloutSpec, status: RolloutStatus, obs: Observation
+    spec: RolloutSpec, status: RolloutStatus, obs: Observation, now: datetime
 ) -> list[EnsureAdapterListed | SetWeights | EnsureAdapterRemoved]:
     actions: list[EnsureAdapterListed | SetWeights | EnsureAdapterRemoved] = []
     if status.phase in _TO_LISTED and _needs_listing(spec.to, obs.config_map):
@@ -508,9 +537,36 @@ def _world_actions(
         if obs.model is None or obs.model.targets != wanted:
             actions.append(SetWeights(wanted))
     removed = _removed(spec, status.phase)
-    if removed is not None and _needs_removal(removed, obs.config_map):
+    if (
+        removed is not None
+        and _drained(spec, status, obs, now)
+        and _needs_removal(removed, obs.config_map)
+    ):
         actions.append(EnsureAdapterRemoved(removed))
     return actions
+
+
+def _drained(spec: RolloutSpec, status: RolloutStatus, obs: Observation, now: datetime) -> bool:
+    """Whether the adapter leaving the traffic may be unlisted now."""
+    if status.unlist_after is None:
+        return True
+    return now >= status.unlist_after and not _still_named(spec, status, obs)
+
+
+def _unlist_after(
+    spec: RolloutSpec, status: RolloutStatus, obs: Observation, now: datetime
+) -> datetime | None:
+    """The drain runs from when the InferenceModel is seen without the adapter leaving: while
+    it still names it (the new weights not seen yet, or put back), the drain starts over."""
+    assert status.unlist_after is not None
+    if _still_named(spec, status, obs):
+        return max(status.unlist_after, now + parse_duration(spec.drain))
+    return None if now >= status.unlist_after else status.unlist_after
+
+
+def _still_named(spec: RolloutSpec, status: RolloutStatus, obs: Observation) -> bool:
+    removed = _removed(spec, status.phase)
+    return obs.model is not None and any(t.name == removed for t in obs.model.targets)
 
 
 _TO_LISTED = frozenset({Phase.LOADING, Phase.PROGRESSING, Phase.PAUSED, Phase.PROMOTED})

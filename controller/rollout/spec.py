@@ -133,6 +133,10 @@ class RolloutSpec(_SpecModel):
     gates: Gates = Gates()
     stickiness: Stickiness | None = None
     keep_on_abort: bool = False
+    drain: Duration = "10s"
+    """How long the adapter leaving the traffic (`from` on promotion, `to` on an abort after
+    it had some) stays listed once the weights moved off it: requests already routed to it
+    finish, and every picker sees the new weights, before its sidecars unload it."""
     # Commands: `loractl canary pause|resume|promote|abort` sets these.
     paused: bool = False
     abort: bool = False
@@ -180,6 +184,9 @@ class RolloutStatus(_StatusModel):
     to_weight: int = 0
     last_gates: tuple[GateEvaluation, ...] = ()
     consecutive_gate_failures: int = 0
+    unlist_after: AwareDatetime | None = None
+    """When the adapter leaving the traffic goes to ensureNotExist (spec.drain after the
+    weights moved off it); None once it has, or when nothing waits to go."""
     history: tuple[HistoryEntry, ...] = ()
     message: str = ""
     observed_generation: int = 0

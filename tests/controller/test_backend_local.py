@@ -541,6 +541,7 @@ ROLLOUT_SPEC: dict[str, Any] = {
     "from": {"id": FROM, "source": FROM_SOURCE},
     "to": {"id": TO, "source": TO_SOURCE},
     "gates": {"minRequests": 3, "maxP95LatencyRatio": None},
+    "drain": "1s",
 }
 ADAPTERS = f"""\
 vLLMLoRAConfig:
@@ -607,6 +608,8 @@ async def test_the_rollout_runner_promotes_a_rollout_in_files(directory: Path) -
     rollout_world(directory, [{"weight": 50, "pause": "1s"}, {"weight": 100, "pause": "1s"}])
     async with controller(directory):
         await until(lambda: status_in_file(directory).get("phase") == "Promoted", wait=20)
+        # `from` is unlisted once drained: the status says so by clearing unlistAfter.
+        await until(lambda: status_in_file(directory).get("unlistAfter") is None, wait=10)
     status = status_in_file(directory)
     assert reasons(status) == ["LoadingAdapter", "StepStarted", "StepStarted", "Promoted"]
     world = read(directory / "world.yaml")

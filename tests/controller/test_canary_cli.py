@@ -194,6 +194,7 @@ def test_a_plan_fills_from_pool_and_configmap_in_from_the_cluster() -> None:
         False,
         -1,
     )
+    assert spec.drain == "10s"
 
 
 def test_a_plan_takes_every_flag() -> None:
@@ -209,6 +210,7 @@ def test_a_plan_takes_every_flag() -> None:
         min_requests=100,
         sticky_header="x-user-id",
         keep_on_abort=True,
+        drain="2m",
         name="canary.v2",
     )
     plan = plan_rollout(
@@ -223,6 +225,7 @@ def test_a_plan_takes_every_flag() -> None:
     assert spec.gates.min_requests == 100
     assert spec.stickiness == Stickiness(header="x-user-id")
     assert spec.keep_on_abort
+    assert spec.drain == "2m"
 
 
 LIVE = record("older", status={"phase": "Progressing"})
@@ -274,6 +277,8 @@ LIVE = record("older", status={"phase": "Progressing"})
                      id="bad weights"),
         pytest.param(replace(FLAGS, pause="5 minutes"), snapshot(),
                      ["--pause: '5 minutes' is not a duration"], id="bad pause"),
+        pytest.param(replace(FLAGS, drain="ten seconds"), snapshot(),
+                     ["--drain: 'ten seconds' is not a duration"], id="bad drain"),
         pytest.param(replace(FLAGS, max_error_rate=2.0, min_requests=-1), snapshot(),
                      ["--max-error-rate 2.0: input should be less than or equal to 1",
                       "--min-requests -1: input should be greater than or equal to 0"],

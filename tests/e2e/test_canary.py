@@ -86,6 +86,8 @@ async def test_a_failing_canary_is_aborted_and_traffic_returns(cluster: Cluster)
         await cluster.start_rollout("failing")
         done = await cluster.wait_phase("failing", {"Promoted", "Aborted", "Failed"})
         aborted_at = time.monotonic()
+        if done["status"]["phase"] == "Aborted":
+            await cluster.wait_unlisted("food-review-2")  # once drained
         await asyncio.sleep(1.0)
     status = done["status"]
     assert status["phase"] == "Aborted", status

@@ -33,6 +33,7 @@ from tests.rollout.world import (
     TO,
     TO_SOURCE,
     World,
+    drain,
     progress,
     roundtrip,
     run_healthy,
@@ -132,8 +133,10 @@ def test_steps_not_ending_at_100_promote_after_the_last_one() -> None:
 
     assert status.phase is Phase.PROMOTED
     assert world.weights() == {TO: 100}
-    assert world.applied[-2:] == [weights((TO, 100)), EnsureAdapterRemoved(FROM)]
+    assert world.applied[-1] == weights((TO, 100))
     assert "all steps done" in status.message
+    drain(world, rollout, status)
+    assert world.applied[-1:] == [EnsureAdapterRemoved(FROM)]
 
 
 def test_a_step_without_pause_passes_as_soon_as_its_gates_do() -> None:
@@ -189,13 +192,15 @@ def test_error_rate_failing_twice_aborts_and_returns_traffic_to_from() -> None:
 
     assert status.phase is Phase.ABORTED
     assert world.weights() == {FROM: 100}
-    assert world.ensure_exist == {FROM: FROM_SOURCE}
-    assert world.ensure_not_exist == {TO}
-    assert world.applied[-2:] == [weights((FROM, 100)), EnsureAdapterRemoved(TO)]
+    assert world.applied[-1] == weights((FROM, 100))
     assert world.events[-1].reason == "GatesFailed"
     assert "failed its gates (2 of 2)" in status.message
     assert status.weights == {FROM: 100}
     assert status.to_weight == 0
+    drain(world, rollout, status)  # requests already routed to `to` finish first
+    assert world.ensure_exist == {FROM: FROM_SOURCE}
+    assert world.ensure_not_exist == {TO}
+    assert world.applied[-1:] == [EnsureAdapterRemoved(TO)]
 
 
 def test_a_passing_check_resets_the_failure_count() -> None:
@@ -450,8 +455,10 @@ def test_promote_skips_to_100_percent_now(paused: bool) -> None:
     decision = world.tick(spec(promote=True, paused=paused), status)
 
     assert decision.status.phase is Phase.PROMOTED
-    assert decision.actions[:2] == (weights((TO, 100)), EnsureAdapterRemoved(FROM))
+    assert decision.actions[0] == weights((TO, 100))
     assert "promoted by spec.promote at step 1/3 (10%)" in decision.status.message
+    drain(world, spec(promote=True, paused=paused), decision.status)
+    assert world.applied[-1] == EnsureAdapterRemoved(FROM)
 
 
 def test_promote_during_loading_waits_for_the_adapter_to_load() -> None:
@@ -461,6 +468,7 @@ def test_promote_during_loading_waits_for_the_adapter_to_load() -> None:
     world.pods_with_to = 3
     status = world.tick(spec(promote=True), status).status
     assert status.phase is Phase.PROMOTED
+    drain(world, spec(promote=True), status)
     assert world.applied == [
         EnsureAdapterListed(TO, TO_SOURCE),
         weights((TO, 100)),
@@ -477,6 +485,8 @@ def test_abort_returns_traffic_to_from(keep: bool, removed: list[EnsureAdapterRe
     decision = world.tick(spec(abort=True, keepOnAbort=keep), status)
 
     assert decision.status.phase is Phase.ABORTED
+    if not keep:
+        drain(world, spec(abort=True), decision.status)
     assert world.applied[applied:] == [weights((FROM, 100)), *removed]
     assert (TO in world.ensure_exist) is keep
     event = decision.actions[-1]
@@ -499,7 +509,49 @@ def test_abort_works_from_every_live_phase(phase_of: Callable[[World], RolloutSt
     status = world.tick(spec(abort=True, paused=True), status).status
     assert status.phase is Phase.ABORTED
     assert world.weights() == {FROM: 100}
+    if status.unlist_after is not None:  # `to` had traffic (Paused at 10 %): drained first
+        assert TO in world.ensure_exist
+        drain(world, spec(abort=True, paused=True), status)
     assert TO not in world.ensure_exist
+
+
+def test_the_adapter_leaving_waits_for_its_drain_and_for_the_weights_to_be_seen() -> None:
+    world = World()
+    rollout = spec(steps=[{"weight": 50}], drain="30s")
+    status = world.tick(rollout, loaded(world, rollout)).status  # no figures yet: holds
+    world.serve(canary=HEALTHY, baseline=BASELINE)
+    world.wait(seconds=5)
+    status = world.tick(rollout, status).status
+    assert status.phase is Phase.PROMOTED
+    assert status.unlist_after == world.now + timedelta(seconds=30)
+    assert "food-review-1 moves to ensureNotExist once drained (30s)" in status.message
+
+    world.wait(seconds=29)
+    assert world.tick(rollout, status).actions == ()
+    assert FROM in world.ensure_exist  # requests routed to it before still finish
+
+    world.wait(seconds=1)
+    world.targets = (WeightedTarget(FROM, 100),)  # someone put the old weights back
+    decision = world.tick(rollout, status)
+    assert decision.actions == (weights((TO, 100)),)
+    assert decision.status.unlist_after == world.now + timedelta(seconds=30)  # drains anew
+    world.wait(seconds=30)
+    decision = world.tick(rollout, decision.status)
+    assert decision.actions == (EnsureAdapterRemoved(FROM),)
+    assert decision.status.unlist_after is None
+    assert decision.status.history == status.history  # no transition, nor event
+
+    world.ensure_exist[FROM] = FROM_SOURCE  # listed again by hand, later: left alone
+    world.wait(hours=1)
+    assert world.tick(rollout, decision.status).actions == ()
+
+
+def test_an_abort_before_any_traffic_unlists_at_once() -> None:
+    world = World()
+    status = world.tick(spec(), RolloutStatus()).status  # Loading
+    decision = world.tick(spec(abort=True), status)
+    assert decision.status.unlist_after is None
+    assert decision.actions[0] == EnsureAdapterRemoved(TO)
 
 
 def test_abort_wins_over_promote() -> None:

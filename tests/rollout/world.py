@@ -76,6 +76,7 @@ def progress(status: RolloutStatus) -> tuple[object, ...]:
         status.step_started_at,
         status.weights,
         status.consecutive_gate_failures,
+        status.unlist_after,
         status.history,
     )
 
@@ -188,9 +189,20 @@ def run_healthy(world: World, rollout: RolloutSpec) -> list[RolloutStatus]:
         status = world.tick(rollout, status).status
         seen.append(status)
         if status.phase in {"Promoted", "Aborted", "Failed"}:
+            if status.unlist_after is not None:
+                seen.append(drain(world, rollout, status))
             return seen
         if status.phase == "Loading":
             world.pods_with_to = world.ready_pods
         world.serve(canary=summary(100), baseline=summary(400))
         world.wait(minutes=5)
     raise AssertionError(f"rollout did not finish: {status}")
+
+
+def drain(world: World, rollout: RolloutSpec, status: RolloutStatus) -> RolloutStatus:
+    """Wait out the drain of the adapter leaving the traffic, decide: it is unlisted."""
+    assert status.unlist_after is not None
+    world.now = status.unlist_after
+    status = world.tick(rollout, status).status
+    assert status.unlist_after is None
+    return status

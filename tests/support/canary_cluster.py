@@ -47,6 +47,7 @@ RESOURCES = {
 ROLLOUTS = ("loractl.io", "v1alpha1", NS, "adapterrollouts")
 MODELS = ("inference.networking.x-k8s.io", "v1alpha2", NS, "inferencemodels")
 TRAFFIC_MAX_TOKENS = 3
+DRAIN_SECONDS = 2  # the adapter leaving stays listed this long after the weights moved
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,14 @@ class Cluster:
                 )
             await asyncio.sleep(0.2)
 
+    async def wait_unlisted(self, adapter: str, within: float = 30.0) -> None:
+        """Until `adapter` is in ensureNotExist: the rollout unlists it once drained."""
+        deadline = time.monotonic() + within
+        while adapter not in (await self.adapter_lists())[1]:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{adapter} was never unlisted: {await self.adapter_lists()}")
+            await asyncio.sleep(0.2)
+
     async def weights(self) -> dict[str, int]:
         model = await call(CustomObjectsApi(self.api).get_namespaced_custom_object, *MODELS, MODEL)
         return {t["name"]: t.get("weight", 1) for t in model["spec"]["targetModels"]}
@@ -164,6 +173,7 @@ class Cluster:
                 "from": {"id": "food-review-1", "source": self.adapters["food-review-1"]},
                 "to": {"id": "food-review-2", "source": self.adapters["food-review-2"]},
                 "steps": [{"weight": 20, "pause": "3s"}, {"weight": 60, "pause": "3s"}],
+                "drain": f"{DRAIN_SECONDS}s",
                 "gates": {
                     "minRequests": 5,
                     "maxErrorRate": 0.05,
@@ -403,7 +413,9 @@ async def healthy_canary_promotes(cluster: Cluster) -> Traffic:
         await cluster.start_rollout("healthy")
         done = await cluster.wait_phase("healthy", {"Promoted", "Aborted", "Failed"})
         promoted_at = time.monotonic()
-        await asyncio.sleep(1.0)
+        if done["status"]["phase"] == "Promoted":
+            await cluster.wait_unlisted("food-review-1")
+            await asyncio.sleep(1.0)  # the sidecars unload it under traffic: no 404
     status = done["status"]
     assert status["phase"] == "Promoted", status
     assert await cluster.weights() == {"food-review-2": 100}
