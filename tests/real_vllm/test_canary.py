@@ -88,4 +88,7 @@ async def test_canary_from_adapter_1_to_2_is_served_by_the_right_weights(
         url: value(url, "vllm:request_success_total") - count for url, count in before.items()
     }
     print(f"answers per target: {Counter(a.model for a in served)}; per server: {per_server}")
-    assert all(count > 0 for count in per_server.values()), f"a pod never served: {per_server}"
+    # Which pod serves is the picker's choice: with one request at a time, LoRA affinity may
+    # well keep both adapters on one pod. What must hold is that the real servers answered
+    # every request, no more and no less.
+    assert sum(per_server.values()) == len(served), per_server
