@@ -36,11 +36,9 @@ What differs here, and why:
   its subset-hint handling; there is no adapter-registered filter upstream.
 - An endpoint without fresh metrics is scored here from zero figures, as upstream
   scores a pod it has not scraped yet (its Metrics struct starts zeroed).
-- Label-set choice: MetricsObservation carries the LATEST label set (DESIGN §2), while
-  upstream skips label sets whose running and waiting lists are both empty and so keeps
-  scoring the last busy adapters of an idle pod as active. Until the observation carries
-  that series too, this re-implementation sees an idle pod's adapters as gone where
-  upstream would still score them 1.0: it under-states upstream for idle pods.
+- Label-set choice, the same as upstream's: the scorer reads the newest label set that
+  names any adapter (`MetricsObservation.last_busy_running` / `last_busy_waiting`), so an
+  idle pod keeps its last busy adapters as active; our own scorers read the newest set.
 - The saturation check counts an endpoint with unknown metrics as not saturated;
   upstream counts stale metrics as "no capacity".
 """
