@@ -9,7 +9,9 @@ here); a request whose adapter needs a slot while all four are pinned by running
 waits until one drains. Those two costs are what LoRA-aware routing is meant to avoid.
 
 Workload: requests for adapters drawn from a Zipf popularity (exponent --zipf, seeded),
-arriving open loop as a Poisson process at --load (default 70 %) of the pool's capacity.
+arriving open loop as a Poisson process at --load (default 70 %) of the pool's capacity,
+as measured at the start of the run; or at a fixed --rate (requests per second), which
+makes runs comparable across sessions on a machine whose capacity measurement wanders.
 Capacity is measured first, in the same run: a closed loop of base-model requests (no
 adapter, so no slot can block them) at twice the pool's sequence slots, round robin, so
 every pod is full; it is the pool's throughput without LoRA constraints, an upper bound
@@ -40,7 +42,8 @@ latency, errors, how the requests spread over the pods, and the queues the scrap
 TTFT is also split by the affinity the profile saw, by the chosen pod's state at its last
 scrape (queued / full / free) and by adapter popularity, to tell where a tail comes from.
 
-    python -m bench.routing_quality [--requests 2400] [--load 0.7] [--seed 1] [--rounds 1]
+    python -m bench.routing_quality [--requests 2400] [--load 0.7 | --rate R] [--seed 1]
+        [--rounds 1]
         [--policies ours,upstream,round-robin,random] [--profile NAME=PATH ...]
         [--plot bench/routing_quality.png] [--json-only]
 
@@ -117,6 +120,7 @@ class Settings:
     load: float
     requests: int
     seed: int
+    rate: float | None = None  # fixed arrivals per second; None: load x measured capacity
 
     def sim_flags(self) -> list[str]:
         return [
@@ -723,7 +727,7 @@ async def run_all(
             )
         if capacity["errors"] or not capacity["requests_per_second"]:
             raise RuntimeError(f"capacity measurement failed: {capacity}")
-        rate = settings.load * capacity["requests_per_second"]
+        rate = settings.rate or settings.load * capacity["requests_per_second"]
         schedule = arrivals(settings, rate)
         ranks = popularity_ranks(settings)
         runs = []
@@ -833,7 +837,8 @@ def print_table(summary: dict[str, Any]) -> None:
         f"capacity (base model, closed loop, {capacity['concurrency']} connections): "
         f"{capacity['requests_per_second']} req/s measured, "
         f"{capacity['derived_requests_per_second']} derived; arrivals "
-        f"{summary['arrival_rate_per_second']} req/s (Poisson), "
+        f"{summary['arrival_rate_per_second']} req/s (Poisson"
+        f"{', fixed by --rate' if summary['settings']['rate'] else ''}), "
         f"{summary['settings']['requests']} requests; top adapter "
         f"{100 * summary['top_adapter_share']:.0f} % of requests, top 4 "
         f"{100 * summary['top4_adapter_share']:.0f} %"
@@ -964,9 +969,10 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     cdf_ax.grid(True, which="both", alpha=0.3)
     cdf_ax.legend()
     s = summary["settings"]
+    pace = "a fixed rate" if s["rate"] else f"{100 * s['load']:.0f} % of capacity"
     figure.suptitle(
         f"{s['sims']} pods x {s['max_loras']} LoRA slots, {s['adapters']} adapters "
-        f"(Zipf s={s['zipf']}), Poisson at {100 * s['load']:.0f} % of capacity "
+        f"(Zipf s={s['zipf']}), Poisson at {pace} "
         f"({summary['arrival_rate_per_second']} req/s), {s['requests']} requests x "
         f"{summary['rounds']} round(s), seed {s['seed']}"
     )
@@ -1004,6 +1010,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     load = parser.add_argument_group("workload")
     load.add_argument("--requests", type=int, default=2400, help="requests per policy")
     load.add_argument("--load", type=float, default=0.7, help="arrival rate / capacity")
+    load.add_argument(
+        "--rate",
+        type=float,
+        help="fixed arrival rate in requests per second, instead of --load x the measured capacity",
+    )
     load.add_argument("--zipf", type=float, default=1.1, help="popularity exponent")
     load.add_argument("--max-tokens", type=int, default=16)
     load.add_argument("--prompt-words", type=int, default=128)
@@ -1040,6 +1051,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--requests must be in [1, 100000]")
     if not 0 < args.load <= 2:
         parser.error("--load must be in (0, 2]")
+    if args.rate is not None and not 0 < args.rate <= 10_000:
+        parser.error("--rate must be in (0, 10000]")
     if not 0 < args.time_scale <= 10:
         parser.error("--time-scale must be in (0, 10]: 0 would remove the costs under test")
     if args.max_tokens < 1 or args.prompt_words < 1:
@@ -1088,6 +1101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         load=args.load,
         requests=args.requests,
         seed=args.seed,
+        rate=args.rate,
     )
     with tempfile.TemporaryDirectory(prefix="routing-quality-") as tmp:
         summary = asyncio.run(run_all(settings, policies, profiles, args.rounds, Path(tmp)))
