@@ -26,7 +26,7 @@ from controller.leader import LeaderElector, leader_identity
 from controller.local_sources import FileLockElector, LocalModels, LocalPoolEndpoints
 from controller.model_sources import ClusterModels, FileModels
 from controller.picker import EndpointPicker, PickerSettings
-from controller.picker_metrics import PickerMetrics
+from controller.picker_metrics import OutcomeCollector, PickerMetrics
 from controller.rollout.runner import RolloutMetrics, RolloutRunner
 from controller.scheduling import compiled
 from controller.scheduling.pipeline import Pipeline
@@ -114,6 +114,7 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
         picker_server = await serve_picker(
             picker, args.host, args.grpc_port, args.grpc_health_port, tls, args.max_body_bytes
         )
+        registry.register(OutcomeCollector(picker_server.outcomes))
     log.info(
         "started",
         picker=picker_server is not None,

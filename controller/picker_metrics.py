@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from controller.extproc.outcomes import HOW_REPORTED, Outcomes
 from controller.inventory import Inventory
 
 SCHEDULING_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01)
@@ -44,13 +45,14 @@ class PickerMetrics:
         )
         self.responses = Counter(
             "loractl_picker_responses",
-            "Answers seen in the response phase, by status class (none = no answer).",
+            "Outcomes of routed requests, by status class (none = no answer).",
             ["model", "target", "code"],
             registry=registry,
         )
         self.response_duration = Histogram(
             "loractl_picker_response_duration_seconds",
-            "From request headers to response headers (for SSE: time to first byte).",
+            "To the first byte of the answer (for SSE: time to first token), from Envoy's "
+            "access log or from the response headers on the ext_proc stream.",
             ["model", "target"],
             buckets=RESPONSE_BUCKETS,
             registry=registry,
@@ -91,3 +93,26 @@ class _EndpointCollector(Collector):
             if view.registered is not None:
                 adapters.add_metric([view.address], len(view.registered))
         yield from (queue, running, kv, adapters)
+
+
+class OutcomeCollector(Collector):
+    """How routed requests' outcomes reached the picker, and how many are still awaited."""
+
+    def __init__(self, outcomes: Outcomes) -> None:
+        self._outcomes = outcomes
+
+    def collect(self) -> Iterator[Metric]:
+        reported = CounterMetricFamily(
+            "loractl_picker_outcomes",
+            "Routed requests by how their outcome came: response_headers, access_log, "
+            "timed_out (neither within the grace: status 0), forgotten (never, after an hour).",
+            labels=["how"],
+        )
+        for how in HOW_REPORTED:
+            reported.add_metric([how], self._outcomes.counts[how])
+        pending = GaugeMetricFamily(
+            "loractl_picker_outcomes_pending",
+            "Routed requests whose outcome has not come yet.",
+            value=len(self._outcomes),
+        )
+        yield from (reported, pending)

@@ -59,5 +59,5 @@ class AccessLogReceiver(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
             for entry in message.http_logs.log_entry:
                 outcome = entry_outcome(entry)
                 if outcome is not None:
-                    self._outcomes.answered(*outcome)
+                    self._outcomes.answered(*outcome, "access_log")
         return als_pb2.StreamAccessLogsResponse()

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import structlog
 
@@ -27,6 +28,11 @@ log = structlog.get_logger("picker")
 
 Report = Callable[[object, int, float], None]
 """The router's `on_response(context, status, elapsed_seconds)`."""
+
+Source = Literal["response_headers", "access_log"]
+HOW_REPORTED = ("response_headers", "access_log", "timed_out", "forgotten")
+"""What `Outcomes.counts` counts: reported from either source; reported with status 0 after
+the grace; dropped unreported after the maximum age."""
 
 DEFAULT_GRACE_S = 5.0  # Envoy flushes its access log every 0.1 s (envoy_config); slack for load
 DEFAULT_MAX_AGE_S = 3600.0  # longer than any route timeout: nobody will report it any more
@@ -60,6 +66,8 @@ class Outcomes:
         self._count = 0
         self._waiting: dict[str, _Waiting] = {}
         self._unanswered: deque[tuple[float, str]] = deque()  # (since, route id), oldest first
+        self.counts: Counter[str] = Counter()  # by HOW_REPORTED
+        self._warned_nothing_arrives = False
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -71,11 +79,12 @@ class Outcomes:
         self._waiting[route_id] = _Waiting(context, opened)
         return route_id
 
-    def answered(self, route_id: str, status: int, elapsed_seconds: float) -> bool:
+    def answered(self, route_id: str, status: int, elapsed_seconds: float, source: Source) -> bool:
         """Report the outcome, unless it was reported already (or the id is not ours)."""
         waiting = self._waiting.pop(route_id, None)
         if waiting is None:
             return False
+        self.counts[source] += 1
         self._call_report(waiting.context, status, elapsed_seconds)
         return True
 
@@ -97,6 +106,8 @@ class Outcomes:
             _, route_id = self._unanswered.popleft()
             waiting = self._waiting.pop(route_id, None)
             if waiting is not None:  # else the access log told in time
+                self.counts["timed_out"] += 1
+                self._warn_if_nothing_arrives()
                 self._call_report(waiting.context, 0, now - waiting.opened)
                 done += 1
         # Routes are opened in order, so the oldest come first; a stream that never closed
@@ -106,9 +117,27 @@ class Outcomes:
             if now - waiting.opened < self._max_age_s:
                 break
             del self._waiting[route_id]
+            self.counts["forgotten"] += 1
             done += 1
             log.warning("picker_outcome_never_reported", route_id=route_id)
         return done
+
+    def _warn_if_nothing_arrives(self) -> None:
+        if (
+            self._warned_nothing_arrives
+            or self.counts["access_log"]
+            or self.counts["response_headers"]
+        ):
+            return
+        self._warned_nothing_arrives = True
+        log.warning(
+            "picker_outcomes_not_arriving",
+            problem="Envoy sends the picker neither response headers on the ext_proc stream "
+            "nor access log entries: every routed request is reported with status 0",
+            fix="set response_header_mode: SEND, or log to the picker with an "
+            "envoy.access_loggers.http_grpc access log and add 'loractl' to the ext_proc "
+            "filter's metadata_options.receiving_namespaces (README, picker)",
+        )
 
     def _call_report(self, context: object, status: int, elapsed_seconds: float) -> None:
         try:

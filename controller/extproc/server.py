@@ -354,7 +354,8 @@ class _Exchange:
     def _on_response_headers(self, headers: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
         if self._phase is _Phase.ROUTED:
             elapsed = time.monotonic() - self._started
-            self._outcomes.answered(self._route_id, _status(headers.headers), elapsed)
+            status = _status(headers.headers)
+            self._outcomes.answered(self._route_id, status, elapsed, "response_headers")
         self._phase = _Phase.DONE
         return [_CONTINUE_RESPONSE_HEADERS]
 
@@ -458,6 +459,7 @@ class PickerServer:
 
     port: int
     health_port: int
+    outcomes: Outcomes
     _servers: list[grpc.aio.Server]
     _health: health_aio.HealthServicer
     _expiry: asyncio.Task[None]
@@ -544,4 +546,4 @@ async def serve_picker(
     expiry = asyncio.create_task(
         _expire_outcomes(outcomes, min(1.0, outcome_grace_s / 2)), name="picker outcomes"
     )
-    return PickerServer(bound_port, bound_health_port, servers, health, expiry)
+    return PickerServer(bound_port, bound_health_port, outcomes, servers, health, expiry)

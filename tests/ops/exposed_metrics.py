@@ -13,8 +13,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from controller.backend.local import LocalBackend
+from controller.extproc.outcomes import Outcomes
 from controller.inventory import Inventory
-from controller.picker_metrics import PickerMetrics
+from controller.picker_metrics import OutcomeCollector, PickerMetrics
 from controller.rollout.runner import RolloutMetrics
 from controller.scrape import Scraper
 from sidecar.metrics import SidecarMetrics
@@ -37,6 +38,7 @@ def registries() -> dict[str, CollectorRegistry]:
     controller = CollectorRegistry()
     inventory = Inventory()
     PickerMetrics(controller, inventory)
+    controller.register(OutcomeCollector(Outcomes(lambda context, status, elapsed: None)))
     Scraper(inventory, registry=controller)
     # Never started: it reads nothing from the directory, and holds no rollouts.
     RolloutMetrics(controller, LocalBackend(Path("unused")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 
 from controller.extproc.access_log import ROUTE_NAMESPACE, entry_outcome
@@ -37,11 +38,12 @@ def test_the_first_source_to_answer_reports_and_the_other_finds_nothing() -> Non
     outcomes, reported = ledger(Clock())
     first, second = outcomes.open("a", 99.0), outcomes.open("b", 99.5)
     assert first != second
-    assert outcomes.answered(second, 200, 0.25)
-    assert not outcomes.answered(second, 200, 0.3)  # the access log, after the headers
-    assert not outcomes.answered("not-ours-1", 500, 1.0)
+    assert outcomes.answered(second, 200, 0.25, "response_headers")
+    assert not outcomes.answered(second, 200, 0.3, "access_log")  # after the headers: too late
+    assert not outcomes.answered("not-ours-1", 500, 1.0, "access_log")
     assert reported == [("b", 200, 0.25)]
     assert len(outcomes) == 1
+    assert outcomes.counts == {"response_headers": 1}
 
 
 def test_ids_of_another_process_never_match() -> None:
@@ -50,7 +52,7 @@ def test_ids_of_another_process_never_match() -> None:
     after_restart, reported = ledger(clock)
     old_id = before_restart.open("old", 99.0)
     after_restart.open("new", 99.0)
-    assert not after_restart.answered(old_id, 200, 0.1)
+    assert not after_restart.answered(old_id, 200, 0.1, "access_log")
     assert reported == []
 
 
@@ -63,12 +65,30 @@ def test_a_stream_closed_without_answer_waits_for_the_access_log() -> None:
     outcomes.unanswered(silent)  # a second close changes nothing
     clock.now = 104.0
     assert outcomes.expire() == 0
-    assert outcomes.answered(logged, 503, 0.5)  # the log came within the grace
+    assert outcomes.answered(logged, 503, 0.5, "access_log")  # the log came within the grace
     clock.now = 105.0
     assert outcomes.expire() == 1
     assert reported == [("logged", 503, 0.5), ("silent", 0, 6.0)]
     assert len(outcomes) == 0
-    assert not outcomes.answered(silent, 200, 0.1)  # a log entry after the grace is too late
+    assert outcomes.counts == {"access_log": 1, "timed_out": 1}
+    late = outcomes.answered(silent, 200, 0.1, "access_log")
+    assert not late  # a log entry after the grace is too late
+
+
+def test_a_gateway_that_tells_no_outcome_at_all_is_named_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    clock = Clock()
+    outcomes, reported = ledger(clock, grace_s=1.0)
+    for _ in range(3):
+        outcomes.unanswered(outcomes.open("x", clock.now))
+        clock.now += 2.0
+        outcomes.expire()
+    assert [status for _, status, _ in reported] == [0, 0, 0]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "not_arriving" in line]
+    assert len(warnings) == 1
+    assert "response_header_mode: SEND" in warnings[0]
+    assert "envoy.access_loggers.http_grpc" in warnings[0]
 
 
 def test_routes_nobody_reports_are_forgotten_after_the_maximum_age() -> None:
@@ -80,7 +100,8 @@ def test_routes_nobody_reports_are_forgotten_after_the_maximum_age() -> None:
     assert outcomes.expire() == 1
     assert len(outcomes) == 1
     assert reported == []  # status 0 would be a guess: the request may have succeeded
-    assert outcomes.answered(kept, 200, 1.0)
+    assert outcomes.counts == {"forgotten": 1}
+    assert outcomes.answered(kept, 200, 1.0, "access_log")
 
 
 def test_a_failing_report_costs_nothing_else() -> None:
@@ -89,7 +110,7 @@ def test_a_failing_report_costs_nothing_else() -> None:
 
     outcomes = Outcomes(broken)
     route_id = outcomes.open("x", 1.0)
-    assert outcomes.answered(route_id, 200, 0.1)
+    assert outcomes.answered(route_id, 200, 0.1, "access_log")
     assert len(outcomes) == 0
 
 

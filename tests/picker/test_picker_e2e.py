@@ -234,8 +234,17 @@ def test_subset_hint_limits_the_pods(pool: Pool) -> None:
 
 
 def test_picker_metrics_and_inventory(pool: Pool) -> None:
-    complete(pool.envoy.url, "food-review-1")
     url = pool.controller.metrics_url
+    logged = value(url, "loractl_picker_outcomes_total", how="access_log")
+    complete(pool.envoy.url, "food-review-1")
+    # The outcome comes by Envoy's access log, a little after the answer.
+    pool.controller.process.wait_until(
+        lambda: value(url, "loractl_picker_outcomes_total", how="access_log") > logged,
+        timeout=5,
+        what="told the outcome by the access log",
+    )
+    assert value(url, "loractl_picker_outcomes_total", how="timed_out") == 0
+    assert value(url, "loractl_picker_outcomes_pending") == 0
     assert value(url, "loractl_picker_requests_total", result="routed") > 0
     assert value(url, "loractl_picker_responses_total", code="2xx") > 0
     assert value(url, "loractl_picker_scheduling_duration_seconds_count") > 0
