@@ -65,7 +65,8 @@ class Outcomes:
         self._prefix = secrets.token_hex(4)
         self._count = 0
         self._waiting: dict[str, _Waiting] = {}
-        self._unanswered: deque[tuple[float, str]] = deque()  # (since, route id), oldest first
+        # (closed at, route id), oldest first
+        self._unanswered: deque[tuple[float, str]] = deque()
         self.counts: Counter[str] = Counter()  # by HOW_REPORTED
         self._warned_nothing_arrives = False
 
@@ -103,12 +104,13 @@ class Outcomes:
         now = self._clock()
         done = 0
         while self._unanswered and now - self._unanswered[0][0] >= self._grace_s:
-            _, route_id = self._unanswered.popleft()
+            closed, route_id = self._unanswered.popleft()
             waiting = self._waiting.pop(route_id, None)
             if waiting is not None:  # else the access log told in time
                 self.counts["timed_out"] += 1
                 self._warn_if_nothing_arrives()
-                self._call_report(waiting.context, 0, now - waiting.opened)
+                # How long the request lived, as before there was a grace to wait out.
+                self._call_report(waiting.context, 0, closed - waiting.opened)
                 done += 1
         # Routes are opened in order, so the oldest come first; a stream that never closed
         # (a lost Envoy) must not keep its route forever.
