@@ -18,6 +18,14 @@ measured window, and only answers that complete inside the window count. Two set
 - latency: closed loops at low concurrency (default 1 and 4), where queueing does not
   hide it, give the latency the picker path adds (goal: added p50 <= 1 ms).
 
+`--floor` adds a third gateway: the same Envoy bootstrap in front of `bench/go_extproc`, an
+ext_proc server in Go that does no routing work and answers with prebuilt routing answers
+(built by the picker's own answer builders). It is the floor of any endpoint picker on this
+machine: what Envoy's ext_proc filter, its access log and a fast gRPC server cost per
+request, and so the best ratio and added latency a picker of any language could reach. It
+needs a Go toolchain and gRPC for Go (Debian: `apt-get install golang-go
+golang-google-grpc-dev`); without them `--floor` stops with that message.
+
 While round robin is measured the controller is paused (SIGSTOP): a gateway without a
 picker has no picker scraping the pods every 50 ms either, and its CPU would otherwise be
 charged to the baseline. `--no-pause-picker` keeps it running. The load generator is a
@@ -28,7 +36,7 @@ so is the whole machine's: the "other" column is what ran beside the benchmark.
     python -m bench.picker_overhead [--sims 4] [--concurrency 32] [--latency-concurrency 1,4]
                                     [--rounds 3] [--duration 5] [--warmup 1]
                                     [--body-mode buffered] [--outcomes access_log]
-                                    [--no-pause-picker] [--json-only]
+                                    [--no-pause-picker] [--floor] [--json-only]
 
 Prints a table, then one JSON object on the last line. Exit status 1 if any request failed.
 """
@@ -41,9 +49,12 @@ import contextlib
 import dataclasses
 import json
 import multiprocessing
+import os
 import platform
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +78,7 @@ from controller.extproc.envoy_config import (
     round_robin_bootstrap,
     wait_envoy_ready,
 )
+from controller.extproc.server import _body_answer
 from loractl.processes import ChildProcess, free_port
 from simulator.adapter_files import write_adapter
 
@@ -81,10 +93,21 @@ MAX_REQUESTS_PER_PHASE = 200_000
 """A wrong flag must not turn the benchmark into a flood: no phase sends more than this."""
 FRESH_TIMEOUT_S = 15.0
 
-Gateway = Literal["picker", "round-robin"]
+Gateway = Literal["picker", "round-robin", "floor"]
 Kind = Literal["throughput", "latency"]
 PICKER: Gateway = "picker"
 ROUND_ROBIN: Gateway = "round-robin"
+FLOOR: Gateway = "floor"
+ENVOY_GROUPS: dict[str, str] = {
+    PICKER: "envoy_picker",
+    ROUND_ROBIN: "envoy_rr",
+    FLOOR: "envoy_floor",
+}
+"""The CPU group of the Envoy each gateway's phases run through."""
+FLOOR_SOURCE = Path(__file__).with_name("go_extproc") / "main.go"
+# Debian installs Go libraries as source under this path, for builds without modules.
+DEBIAN_GOPATH = "/usr/share/gocode"
+FLOOR_PACKAGES = "golang-go golang-google-grpc-dev"
 
 
 # --- load process ---------------------------------------------------------------------
@@ -190,6 +213,15 @@ def _load_main(conn: Connection) -> None:
 # --- the pool -------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Floor:
+    """The Go ext_proc server that does no routing, and the Envoy in front of it."""
+
+    server: ChildProcess
+    envoy: ChildProcess
+    url: str
+
+
 @dataclasses.dataclass
 class Pool:
     sims: list[ChildProcess]
@@ -200,7 +232,14 @@ class Pool:
     rr_url: str
     inventory_url: str
     addresses: list[str]
+    floor: Floor | None = None
     paused: bool = False
+
+    def url(self, gateway: Gateway) -> str:
+        if gateway == FLOOR:
+            assert self.floor is not None
+            return self.floor.url
+        return self.picker_url if gateway == PICKER else self.rr_url
 
     def pause_picker(self) -> None:
         if not self.paused:
@@ -233,6 +272,57 @@ def _sim(host: str, port: int, adapter_dir: Path, log_dir: Path) -> ChildProcess
     argv += ["--time-scale", "0", "--served-model-name", BASE, "--max-loras", "1"]
     argv += ["--lora-modules", f"{ADAPTER}={adapter_dir}", "--log-level", "warning"]
     return ChildProcess(f"sim-{host}", argv, log_dir / f"sim-{host}.log")
+
+
+def build_floor_server(work: Path) -> Path:
+    """Compiles bench/go_extproc; stops with what to install when Go or its gRPC is missing."""
+    go = shutil.which("go")
+    if go is None:
+        raise SystemExit(f"--floor needs a Go toolchain: apt-get install {FLOOR_PACKAGES}")
+    binary = work / "go-extproc"
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": DEBIAN_GOPATH}
+    env.setdefault("GOCACHE", str(work / "go-cache"))
+    built = subprocess.run(
+        [go, "build", "-o", str(binary), str(FLOOR_SOURCE)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if built.returncode != 0:
+        raise SystemExit(
+            f"--floor: building {FLOOR_SOURCE.name} failed; it needs Debian's"
+            f" {FLOOR_PACKAGES}:\n{built.stderr.strip()}"
+        )
+    return binary
+
+
+def start_floor(
+    args: argparse.Namespace, work: Path, children: list[ChildProcess], addresses: list[str]
+) -> Floor:
+    binary = build_floor_server(work)
+    port = free_port()
+    # The picker's own answers, one per endpoint, so Envoy applies the same mutations.
+    answers = [
+        _body_answer([address], None, f"floor-{i}").SerializeToString().hex()
+        for i, address in enumerate(addresses)
+    ]
+    argv = [str(binary), "-listen", f"127.0.0.1:{port}", "-body-answers", ",".join(answers)]
+    server = ChildProcess("go-extproc", argv, work / "logs" / "go-extproc.log")
+    children.append(server.start())
+    listen, admin = free_port(), free_port()
+    config = envoy_bootstrap(
+        listen,
+        f"127.0.0.1:{port}",
+        admin_port=admin,
+        listen_host="127.0.0.1",
+        body_mode=args.body_mode,
+        outcomes=args.outcomes,
+    )
+    envoy = envoy_process(config, work / "envoy", "envoy-floor")
+    children.append(envoy.start())
+    wait_envoy_ready(envoy, admin)
+    return Floor(server, envoy, f"http://127.0.0.1:{listen}/v1/completions")
 
 
 def start_pool(args: argparse.Namespace, work: Path, children: list[ChildProcess]) -> Pool:
@@ -295,9 +385,10 @@ def start_pool(args: argparse.Namespace, work: Path, children: list[ChildProcess
         rr_url=envoys[1][1],
         inventory_url=f"http://127.0.0.1:{metrics_port}/inventory",
         addresses=addresses,
+        floor=start_floor(args, work, children, addresses) if args.floor else None,
     )
     pool.wait_fresh()
-    for url in (pool.picker_url, pool.rr_url):
+    for url in (pool.url(gateway) for gateway in gateways(args)):
         body = {"model": ADAPTER, "prompt": PROMPT, "max_tokens": MAX_TOKENS}
         answer = httpx.post(url, json=body, timeout=REQUEST_TIMEOUT_S)
         if answer.status_code != 200:
@@ -333,12 +424,16 @@ def _cpu(pids: Sequence[int]) -> float | None:
 
 
 def _cpu_groups(pool: Pool) -> dict[str, list[int]]:
-    return {
+    groups = {
         "picker": [pool.controller.pid],
         "envoy_picker": [pool.picker_envoy.pid],
         "envoy_rr": [pool.rr_envoy.pid],
         "sims": [sim.pid for sim in pool.sims],
     }
+    if pool.floor is not None:
+        groups["floor"] = [pool.floor.server.pid]
+        groups["envoy_floor"] = [pool.floor.envoy.pid]
+    return groups
 
 
 def run_phase(
@@ -361,7 +456,7 @@ def run_phase(
     conn.send(
         dataclasses.asdict(
             Plan(
-                url=pool.picker_url if gateway == PICKER else pool.rr_url,
+                url=pool.url(gateway),
                 connections=concurrency,
                 start=start,
                 measure_from=measure_from,
@@ -414,15 +509,19 @@ def run_phase(
     )
 
 
+def gateways(args: argparse.Namespace) -> tuple[Gateway, ...]:
+    return (PICKER, ROUND_ROBIN, FLOOR) if args.floor else (PICKER, ROUND_ROBIN)
+
+
 def schedule(args: argparse.Namespace) -> list[tuple[Kind, Gateway, int, int]]:
-    """Every phase in running order: per concurrency, rounds of both gateways, the order
+    """Every phase in running order: per concurrency, rounds of every gateway, the order
     flipped every round (ABBA...) so that a linear drift cancels out of the comparison."""
     plan: list[tuple[Kind, Gateway, int, int]] = []
     sets: list[tuple[Kind, int]] = [("throughput", args.concurrency)]
     sets += [("latency", c) for c in args.latency_concurrency]
     for kind, concurrency in sets:
         for index in range(args.rounds):
-            order = (PICKER, ROUND_ROBIN) if index % 2 == 0 else (ROUND_ROBIN, PICKER)
+            order = gateways(args)[:: 1 if index % 2 == 0 else -1]
             plan += [(kind, gateway, concurrency, index) for gateway in order]
     return plan
 
@@ -436,26 +535,32 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 
 def _added(pairs: list[tuple[Phase, Phase]], field: str) -> list[float | None]:
-    """Picker minus round robin, round by round, for one latency field."""
+    """The gateway minus round robin, round by round, for one latency field."""
     out: list[float | None] = []
-    for picker, rr in pairs:
-        x, y = getattr(picker, field), getattr(rr, field)
+    for subject, rr in pairs:
+        x, y = getattr(subject, field), getattr(rr, field)
         out.append(None if x is None or y is None else round(x - y, 3))
     return out
 
 
-def compare(phases: list[Phase]) -> list[dict[str, Any]]:
-    """One row per (kind, concurrency): medians over rounds, and paired per-round
-    differences (each round measured both gateways back to back)."""
+def compare(phases: list[Phase], subject: Gateway = PICKER) -> list[dict[str, Any]]:
+    """One row per (kind, concurrency) for `subject` (the picker, or the floor) against
+    round robin: medians over rounds, and paired per-round differences (each round measured
+    the gateways back to back). Keys name the subject: `picker_rps`, `floor_rps`, ..."""
     rows = []
     keys = list(dict.fromkeys((p.kind, p.concurrency) for p in phases))
+    name = "picker" if subject == PICKER else "floor"
     for kind, concurrency in keys:
         mine = [p for p in phases if (p.kind, p.concurrency) == (kind, concurrency)]
         by_round: dict[int, dict[str, Phase]] = {}
         for p in mine:
             by_round.setdefault(p.round, {})[p.gateway] = p
-        pairs = [(r[PICKER], r[ROUND_ROBIN]) for r in by_round.values() if len(r) == 2]
-        picker = [a for a, _ in pairs]
+        pairs = [
+            (r[subject], r[ROUND_ROBIN])
+            for r in by_round.values()
+            if subject in r and ROUND_ROBIN in r
+        ]
+        ours = [a for a, _ in pairs]
         rr = [b for _, b in pairs]
         ratios = [a.requests_per_second / b.requests_per_second for a, b in pairs if b.requests]
 
@@ -476,14 +581,14 @@ def compare(phases: list[Phase]) -> list[dict[str, Any]]:
                 "kind": kind,
                 "concurrency": concurrency,
                 "rounds": len(pairs),
-                "picker_rps": _median([p.requests_per_second for p in picker]),
+                f"{name}_rps": _median([p.requests_per_second for p in ours]),
                 "rr_rps": _median([p.requests_per_second for p in rr]),
                 "ratio": _median(ratios),
                 "ratio_min": round(min(ratios), 3) if ratios else None,
                 "ratio_max": round(max(ratios), 3) if ratios else None,
-                "picker_p50_ms": _median([p.p50_ms for p in picker]),
+                f"{name}_p50_ms": _median([p.p50_ms for p in ours]),
                 "rr_p50_ms": _median([p.p50_ms for p in rr]),
-                "picker_p99_ms": _median([p.p99_ms for p in picker]),
+                f"{name}_p99_ms": _median([p.p99_ms for p in ours]),
                 "rr_p99_ms": _median([p.p99_ms for p in rr]),
                 "added_p50_ms": _median(added_p50),
                 "added_p50_ms_range": [
@@ -492,19 +597,19 @@ def compare(phases: list[Phase]) -> list[dict[str, Any]]:
                 ],
                 "added_p99_ms": _median(_added(pairs, "p99_ms")),
                 "added_mean_ms": _median(_added(pairs, "mean_ms")),
-                "picker_cpu_percent": cpu(picker, "picker"),
-                "picker_cpu_us_per_request": per_request_us(picker, "picker"),
-                "envoy_cpu_percent_picker_phases": cpu(picker, "envoy_picker"),
-                "envoy_cpu_us_per_request_picker_phases": per_request_us(picker, "envoy_picker"),
+                f"{name}_cpu_percent": cpu(ours, name),
+                f"{name}_cpu_us_per_request": per_request_us(ours, name),
+                f"envoy_cpu_percent_{name}_phases": cpu(ours, f"envoy_{name}"),
+                f"envoy_cpu_us_per_request_{name}_phases": per_request_us(ours, f"envoy_{name}"),
                 "envoy_cpu_percent_rr_phases": cpu(rr, "envoy_rr"),
                 "envoy_cpu_us_per_request_rr_phases": per_request_us(rr, "envoy_rr"),
-                "sims_cpu_percent_picker_phases": cpu(picker, "sims"),
+                f"sims_cpu_percent_{name}_phases": cpu(ours, "sims"),
                 "sims_cpu_percent_rr_phases": cpu(rr, "sims"),
-                "client_cpu_percent_picker_phases": cpu(picker, "client"),
+                f"client_cpu_percent_{name}_phases": cpu(ours, "client"),
                 "client_cpu_percent_rr_phases": cpu(rr, "client"),
-                "other_cpu_percent_picker_phases": cpu(picker, "other"),
+                f"other_cpu_percent_{name}_phases": cpu(ours, "other"),
                 "other_cpu_percent_rr_phases": cpu(rr, "other"),
-                "machine_cpu_percent_picker_phases": cpu(picker, "machine"),
+                f"machine_cpu_percent_{name}_phases": cpu(ours, "machine"),
                 "machine_cpu_percent_rr_phases": cpu(rr, "machine"),
             }
         )
@@ -519,36 +624,44 @@ def print_tables(summary: dict[str, Any]) -> None:
     print("phases (CPU in % of one core over the window)")
     header = (
         f"{'set':<10} {'conc':>4} {'rnd':>3} {'gateway':<11} {'req/s':>8} {'p50 ms':>7} "
-        f"{'p99 ms':>7} {'err':>4} {'picker':>6} {'envoy':>6} {'sims':>6} {'client':>6} "
+        f"{'p99 ms':>7} {'err':>4} {'server':>6} {'envoy':>6} {'sims':>6} {'client':>6} "
         f"{'other':>6} {'machine':>7}"
     )
     print(header)
     for p in summary["phases"]:
         cpu = p["cpu_percent"]
-        envoy = cpu["envoy_picker"] if p["gateway"] == PICKER else cpu["envoy_rr"]
+        envoy = cpu[ENVOY_GROUPS[p["gateway"]]]
+        server = cpu["floor"] if p["gateway"] == FLOOR else cpu["picker"]
         print(
             f"{p['kind']:<10} {p['concurrency']:>4} {p['round']:>3} {p['gateway']:<11} "
             f"{p['requests_per_second']:>8.1f} {_fmt(p['p50_ms'], 2):>7} "
             f"{_fmt(p['p99_ms'], 2):>7} {p['errors'] + p['warmup_errors']:>4} "
-            f"{_fmt(cpu['picker'], 0):>6} {_fmt(envoy, 0):>6} {_fmt(cpu['sims'], 0):>6} "
+            f"{_fmt(server, 0):>6} {_fmt(envoy, 0):>6} {_fmt(cpu['sims'], 0):>6} "
             f"{_fmt(cpu['client'], 0):>6} {_fmt(cpu['other'], 0):>6} {_fmt(cpu['machine'], 0):>7}"
         )
+    for name, key in (("picker", "comparison"), ("floor", "floor_comparison")):
+        if key in summary:
+            _print_comparison(name, summary[key])
+
+
+def _print_comparison(name: str, rows: list[dict[str, Any]]) -> None:
+    letter = name[0].upper()
     print()
-    print("picker vs round robin (medians over rounds; 'added' = paired per-round difference)")
+    print(f"{name} vs round robin (medians over rounds; 'added' = paired per-round difference)")
     print(
-        f"{'set':<10} {'conc':>4} {'picker r/s':>10} {'RR r/s':>8} {'ratio':>6} "
-        f"{'p50 P/RR ms':>13} {'p99 P/RR ms':>13} {'+p50 ms':>8} {'+p99 ms':>8} "
-        f"{'picker us/req':>13} {'envoy us/req P/RR':>17}"
+        f"{'set':<10} {'conc':>4} {name + ' r/s':>10} {'RR r/s':>8} {'ratio':>6} "
+        f"{f'p50 {letter}/RR ms':>13} {f'p99 {letter}/RR ms':>13} {'+p50 ms':>8} "
+        f"{'+p99 ms':>8} {name + ' us/req':>13} {f'envoy us/req {letter}/RR':>17}"
     )
-    for r in summary["comparison"]:
+    for r in rows:
         print(
-            f"{r['kind']:<10} {r['concurrency']:>4} {_fmt(r['picker_rps']):>10} "
+            f"{r['kind']:<10} {r['concurrency']:>4} {_fmt(r[name + '_rps']):>10} "
             f"{_fmt(r['rr_rps']):>8} {_fmt(r['ratio'], 2):>6} "
-            f"{_fmt(r['picker_p50_ms'], 2) + '/' + _fmt(r['rr_p50_ms'], 2):>13} "
-            f"{_fmt(r['picker_p99_ms'], 2) + '/' + _fmt(r['rr_p99_ms'], 2):>13} "
+            f"{_fmt(r[name + '_p50_ms'], 2) + '/' + _fmt(r['rr_p50_ms'], 2):>13} "
+            f"{_fmt(r[name + '_p99_ms'], 2) + '/' + _fmt(r['rr_p99_ms'], 2):>13} "
             f"{_fmt(r['added_p50_ms'], 2):>8} {_fmt(r['added_p99_ms'], 2):>8} "
-            f"{_fmt(r['picker_cpu_us_per_request'], 0):>13} "
-            f"{_fmt(r['envoy_cpu_us_per_request_picker_phases'], 0) + '/'}"
+            f"{_fmt(r[name + '_cpu_us_per_request'], 0):>13} "
+            f"{_fmt(r['envoy_cpu_us_per_request_' + name + '_phases'], 0) + '/'}"
             f"{_fmt(r['envoy_cpu_us_per_request_rr_phases'], 0):<8}"
         )
 
@@ -595,7 +708,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             pool.controller.signal(signal.SIGCONT)
         for child in reversed(children):
             child.stop()
-    return {
+    summary: dict[str, Any] = {
         "benchmark": "picker_overhead",
         "comparison": compare(phases),
         "phases": [dataclasses.asdict(p) for p in phases],
@@ -614,6 +727,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "cpu_model": cpu_model(),
         "cpu_cores": multiprocessing.cpu_count(),
     }
+    if args.floor:
+        summary["floor_comparison"] = compare(phases, FLOOR)
+    return summary
 
 
 def _concurrency_list(text: str) -> list[int]:
@@ -663,6 +779,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=MAX_REQUESTS_PER_PHASE,
         help="stop sending after this many requests in a phase (warm-up included)",
+    )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure Envoy in front of a Go ext_proc server that does no routing work",
     )
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
