@@ -59,7 +59,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
@@ -310,19 +310,39 @@ def start_floor(
     argv = [str(binary), "-listen", f"127.0.0.1:{port}", "-body-answers", ",".join(answers)]
     server = ChildProcess("go-extproc", argv, work / "logs" / "go-extproc.log")
     children.append(server.start())
+    envoy, url = _start_envoy(work, children, "envoy-floor", _gateway(args, port))
+    return Floor(server, envoy, url)
+
+
+EnvoyConfig = Callable[[int, int], dict[str, Any]]
+"""Builds an Envoy bootstrap from its listen and admin ports."""
+
+
+def _gateway(args: argparse.Namespace, picker_port: int) -> EnvoyConfig:
+    """The inference gateway's bootstrap, in front of the ext_proc server on `picker_port`."""
+
+    def config(listen: int, admin: int) -> dict[str, Any]:
+        return envoy_bootstrap(
+            listen,
+            f"127.0.0.1:{picker_port}",
+            admin_port=admin,
+            listen_host="127.0.0.1",
+            body_mode=args.body_mode,
+            outcomes=args.outcomes,
+        )
+
+    return config
+
+
+def _start_envoy(
+    work: Path, children: list[ChildProcess], name: str, config: EnvoyConfig
+) -> tuple[ChildProcess, str]:
+    """A running Envoy and the completions URL it listens on."""
     listen, admin = free_port(), free_port()
-    config = envoy_bootstrap(
-        listen,
-        f"127.0.0.1:{port}",
-        admin_port=admin,
-        listen_host="127.0.0.1",
-        body_mode=args.body_mode,
-        outcomes=args.outcomes,
-    )
-    envoy = envoy_process(config, work / "envoy", "envoy-floor")
+    envoy = envoy_process(config(listen, admin), work / "envoy", name)
     children.append(envoy.start())
     wait_envoy_ready(envoy, admin)
-    return Floor(server, envoy, f"http://127.0.0.1:{listen}/v1/completions")
+    return envoy, f"http://127.0.0.1:{listen}/v1/completions"
 
 
 def start_pool(args: argparse.Namespace, work: Path, children: list[ChildProcess]) -> Pool:
@@ -357,32 +377,21 @@ def start_pool(args: argparse.Namespace, work: Path, children: list[ChildProcess
     controller = ChildProcess("controller", argv, work / "logs" / "controller.log")
     children.append(controller.start())
     controller.wait_http_ok(f"http://127.0.0.1:{metrics_port}/healthz")
-    envoys = []
-    for name in ("envoy-picker", "envoy-rr"):
-        listen, admin = free_port(), free_port()
-        config = (
-            envoy_bootstrap(
-                listen,
-                f"127.0.0.1:{grpc_port}",
-                admin_port=admin,
-                listen_host="127.0.0.1",
-                body_mode=args.body_mode,
-                outcomes=args.outcomes,
-            )
-            if name == "envoy-picker"
-            else round_robin_bootstrap(listen, addresses, admin, listen_host="127.0.0.1")
-        )
-        envoy = envoy_process(config, work / "envoy", name)
-        children.append(envoy.start())
-        wait_envoy_ready(envoy, admin)
-        envoys.append((envoy, f"http://127.0.0.1:{listen}/v1/completions"))
+    picker_envoy, picker_url = _start_envoy(
+        work, children, "envoy-picker", _gateway(args, grpc_port)
+    )
+
+    def round_robin(listen: int, admin: int) -> dict[str, Any]:
+        return round_robin_bootstrap(listen, addresses, admin, listen_host="127.0.0.1")
+
+    rr_envoy, rr_url = _start_envoy(work, children, "envoy-rr", round_robin)
     pool = Pool(
         sims=sims,
         controller=controller,
-        picker_envoy=envoys[0][0],
-        rr_envoy=envoys[1][0],
-        picker_url=envoys[0][1],
-        rr_url=envoys[1][1],
+        picker_envoy=picker_envoy,
+        rr_envoy=rr_envoy,
+        picker_url=picker_url,
+        rr_url=rr_url,
         inventory_url=f"http://127.0.0.1:{metrics_port}/inventory",
         addresses=addresses,
         floor=start_floor(args, work, children, addresses) if args.floor else None,
