@@ -21,7 +21,7 @@ from controller.backend.local import LocalBackend
 from controller.endpoints import InferencePoolEndpoints, StaticEndpoints
 from controller.extproc.server import serve_picker
 from controller.http_api import HttpState, build_app
-from controller.inventory import Endpoint, Inventory
+from controller.inventory import Endpoint, Inventory, Staleness
 from controller.leader import LeaderElector, leader_identity
 from controller.local_sources import FileLockElector, LocalModels, LocalPoolEndpoints
 from controller.model_sources import ClusterModels, FileModels
@@ -46,7 +46,9 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
     """Run until SIGTERM or SIGINT: endpoint and model sources, scraper, picker, HTTP."""
     loop = asyncio.get_running_loop()
     registry = CollectorRegistry()
-    inventory = Inventory()
+    inventory = Inventory(
+        Staleness.for_intervals(args.metrics_interval, args.models_interval, args.sidecar_interval)
+    )
 
     def endpoints_changed(endpoints: list[Endpoint]) -> None:
         # An endpoint that leaves (deleted, or no longer ready: restarting, say) comes back

@@ -105,7 +105,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="HEADER",
         help="request header (e.g. x-user-id) that pins a client to one target",
     )
-    picker.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024)
+    picker.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=10 * 1024 * 1024,
+        help="larger request bodies get 413 (default 10 MiB)",
+    )
     picker.add_argument("--seed", type=int, help="seed weighted choices and tie-breaks")
     scrape = parser.add_argument_group("inventory scraping")
     scrape.add_argument(
@@ -115,16 +120,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="port of each pod's loractl sidecar (/status)",
     )
     scrape.add_argument(
-        "--metrics-interval", type=float, default=0.05, help="seconds between vLLM /metrics scrapes"
+        "--metrics-interval",
+        type=interval_seconds,
+        default=0.05,
+        help="seconds between vLLM /metrics scrapes; queue and KV figures count as unknown "
+        "after 10 intervals without a good one",
     )
     scrape.add_argument(
-        "--models-interval", type=float, default=1.0, help="seconds between vLLM /v1/models scrapes"
+        "--models-interval",
+        type=interval_seconds,
+        default=1.0,
+        help="seconds between vLLM /v1/models scrapes; unknown after 5 intervals",
     )
     scrape.add_argument(
         "--sidecar-interval",
-        type=float,
+        type=interval_seconds,
         default=1.0,
-        help="seconds between sidecar /status scrapes",
+        help="seconds between sidecar /status scrapes; unknown after 5 intervals",
     )
     scrape.add_argument(
         "--vllm-api-key",
@@ -133,6 +145,32 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--log-level", default="info")
     parser.set_defaults(run=run)
+
+
+MAX_INTERVAL_S = 300.0
+
+
+def interval_seconds(text: str) -> float:
+    """A scrape interval: more than 0 (0 would scrape in a busy loop), at most 5 minutes."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, such as 0.05; got {text!r}") from None
+    if not 0 < seconds <= MAX_INTERVAL_S:  # NaN fails both
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 and at most {MAX_INTERVAL_S:g} seconds; got {text}"
+        )
+    return seconds
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
 
 
 def check_sources(args: argparse.Namespace) -> None:

@@ -97,6 +97,12 @@ class _Observed:
     view_freshness: tuple[bool, bool, bool] = (False, False, False)
 
 
+# Missed scrapes in a row before an observation counts as unknown. /metrics gets more
+# slack: vLLM answers it from the API server, which a burst of requests can hold up.
+METRICS_STALE_AFTER = 10
+OTHERS_STALE_AFTER = 5
+
+
 @dataclass(frozen=True)
 class Staleness:
     """How old each kind of observation may be before it counts as unknown (seconds)."""
@@ -104,6 +110,16 @@ class Staleness:
     metrics: float = 0.5
     models: float = 5.0
     sidecar: float = 5.0
+
+    @classmethod
+    def for_intervals(cls, metrics: float, models: float, sidecar: float) -> Staleness:
+        """Bounds that follow the scrape intervals, so that a longer interval never leaves
+        figures unknown between two good scrapes; the defaults at the default intervals."""
+        return cls(
+            metrics=METRICS_STALE_AFTER * metrics,
+            models=OTHERS_STALE_AFTER * models,
+            sidecar=OTHERS_STALE_AFTER * sidecar,
+        )
 
 
 class Inventory:

@@ -38,3 +38,10 @@ def test_endpoint_set_changes_keep_observations_of_those_that_stay() -> None:
     inventory.record_metrics(B, observation(1))  # gone: ignored
     inventory.record_error(A, "metrics", "timeout")
     assert inventory.errors() == {A: {"metrics": "timeout"}}
+
+
+def test_staleness_follows_the_scrape_intervals() -> None:
+    assert Staleness.for_intervals(0.05, 1.0, 1.0) == Staleness(), "defaults at the defaults"
+    assert Staleness.for_intervals(1.0, 10.0, 2.0) == Staleness(
+        metrics=10.0, models=50.0, sidecar=10.0
+    )
