@@ -5,6 +5,12 @@ endpoint only ever delays itself: there is no round that waits for the slowest a
 most one request per pair is in flight, so the shared connection pool needs no cap of its
 own (a cap would let a hanging endpoint hold slots that live ones wait for).
 
+A slow answer is waited for up to its source's staleness bound: a vLLM busy enough to
+answer /metrics late is the one whose queue the picker most needs to see, and an answer
+later than the bound would be stale on arrival. After each scrape the endpoint is left
+alone for REST_PER_SCRAPE times what the scrape took, so a slow page is never asked for
+back to back.
+
 The HTTP client is aiohttp, not httpx: measured against the simulator on this machine, an
 httpx request costs about 0.9 ms of client CPU and an aiohttp one about 0.2 ms, and a
 64-pod pool scraped every 50 ms makes 1,280 requests a second.
@@ -35,6 +41,17 @@ log = structlog.get_logger("controller")
 # change notification, and the comparison costs microseconds.
 ENDPOINTS_POLL = 0.05
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# vLLM renders /metrics in its API server, which also serves the requests, and the page only
+# grows (vLLM keeps every vllm:lora_requests_info label set it has exported): after each
+# scrape, rest this many times what it took, so that this picker never holds an endpoint
+# more than a quarter of the time, whatever the interval.
+REST_PER_SCRAPE = 3.0
+# Slowed scrapes in a row before it is told: a lone slow one is as likely a pause of this
+# process (its own measure of the time taken includes it) as the endpoint's doing.
+SLOW_SCRAPES_BEFORE_WARNING = 3
+# On-schedule scrapes in a row before a slowed pair counts as back to its pace: a slow
+# answer now and then among fast ones must not log again and again.
+BACK_TO_PACE_AFTER = 20
 
 
 class Source(enum.StrEnum):
@@ -65,18 +82,24 @@ class Scraper:
         sidecar_port: int | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        """timeout: for each request; None = the interval of its source, so that a request
-        never outlives its turn. api_key goes to vLLM only, never to the sidecar.
-        sidecar_port: where to find a sidecar for endpoints that do not name their own."""
+        """timeout: for each request; None = the inventory's staleness bound for its source
+        (a later answer would be stale on arrival). api_key goes to vLLM only, never to the
+        sidecar. sidecar_port: where to find a sidecar for endpoints that do not name their
+        own."""
         self._inventory = inventory
         self._intervals = {
             Source.METRICS: metrics_interval,
             Source.MODELS: models_interval,
             Source.SIDECAR: sidecar_interval,
         }
+        stale_after = {
+            Source.METRICS: inventory.staleness.metrics,
+            Source.MODELS: inventory.staleness.models,
+            Source.SIDECAR: inventory.staleness.sidecar,
+        }
         self._timeouts = {
-            source: aiohttp.ClientTimeout(total=interval if timeout is None else timeout)
-            for source, interval in self._intervals.items()
+            source: aiohttp.ClientTimeout(total=bound if timeout is None else timeout)
+            for source, bound in stale_after.items()
         }
         # identity: vLLM's metrics app gzips on request, and inflating costs more CPU than
         # the bytes saved on a pod network.
@@ -138,19 +161,26 @@ class Scraper:
         due = loop.time()
         try:
             while True:
-                await self._scrape(key, session)
-                # Behind schedule (a slow answer): go again now, but never in a burst.
-                due = max(due + interval, loop.time())
+                started = loop.time()
+                answered = await self._scrape(key, session)
+                finished = loop.time()
+                rested = finished + REST_PER_SCRAPE * (finished - started)
+                if answered:  # failures are told as such (scrape_failing)
+                    slowed = rested > due + interval
+                    self._health.paced(key, slowed, finished - started, interval)
+                # Behind schedule (a slow answer): go again once rested, never in a burst.
+                due = max(due + interval, rested)
                 await asyncio.sleep(due - loop.time())
         except Exception:  # a bug: log it; _follow_endpoints restarts the loop
             log.exception("scrape_loop_crashed", endpoint=key[0], source=key[1].value)
 
-    async def _scrape(self, key: Key, session: aiohttp.ClientSession) -> None:
+    async def _scrape(self, key: Key, session: aiohttp.ClientSession) -> bool:
+        """True when an answer was recorded."""
         address, source = key
         endpoint = self._endpoints.get(address)
         url = None if endpoint is None else self._url(endpoint, source)
         if url is None:
-            return  # gone since the last poll; the loop is about to be cancelled
+            return False  # gone since the last poll; the loop is about to be cancelled
         started = time.perf_counter()
         try:
             await self._fetch_and_record(session, address, source, url)
@@ -158,8 +188,10 @@ class Scraper:
             message = _describe(error, self._timeouts[source].total)
             self._inventory.record_error(address, source.value, message)
             self._health.failed(key, message)
+            return False
         else:
             self._health.succeeded(key)
+            return True
         finally:
             self._health.observe(source, time.perf_counter() - started)
 
@@ -238,6 +270,8 @@ class _Health:
         self._durations = {source: duration.labels(source.value) for source in Source}
         self._since: dict[Key, float] = {}  # last success, or when tracking began
         self._failures: dict[Key, int] = {}
+        self._slow_streak: dict[Key, int] = {}  # slowed scrapes in a row
+        self._on_pace: dict[Key, int] = {}  # of pairs told slowed: on-schedule scrapes since
         if registry is not None:
             registry.register(_DataAge(self.ages))
 
@@ -247,6 +281,8 @@ class _Health:
     def forget(self, key: Key) -> None:
         self._since.pop(key, None)
         self._failures.pop(key, None)
+        self._slow_streak.pop(key, None)
+        self._on_pace.pop(key, None)
         self._errors.remove(key[0], key[1].value)
 
     def succeeded(self, key: Key) -> None:
@@ -259,6 +295,36 @@ class _Health:
         if not self._failures.get(key):
             log.warning("scrape_failing", endpoint=key[0], source=key[1].value, error=message)
         self._failures[key] = self._failures.get(key, 0) + 1
+
+    def paced(self, key: Key, slowed: bool, took: float, interval: float) -> None:
+        """One log line when a pair's answers stay too slow for its interval, one when they
+        have been fast enough again for BACK_TO_PACE_AFTER scrapes."""
+        if slowed:
+            streak = self._slow_streak[key] = self._slow_streak.get(key, 0) + 1
+            if key in self._on_pace:
+                self._on_pace[key] = 0
+            elif streak >= SLOW_SCRAPES_BEFORE_WARNING:
+                self._on_pace[key] = 0
+                log.warning(
+                    "scrape_slowed",
+                    endpoint=key[0],
+                    source=key[1].value,
+                    took_seconds=round(took, 4),
+                    every_seconds=round(took * (1 + REST_PER_SCRAPE), 4),
+                    interval_seconds=interval,
+                    why=f"a slow answer is asked for again only after resting "
+                    f"{REST_PER_SCRAPE:g} times as long; for /metrics, look at the page's "
+                    "size (vLLM keeps every vllm:lora_requests_info label set until it "
+                    "restarts) and at the API server's load",
+                )
+        else:
+            self._slow_streak.pop(key, None)
+            if key not in self._on_pace:
+                return
+            self._on_pace[key] += 1
+            if self._on_pace[key] >= BACK_TO_PACE_AFTER:
+                del self._on_pace[key]
+                log.info("scrape_back_to_pace", endpoint=key[0], source=key[1].value)
 
     def observe(self, source: Source, seconds: float) -> None:
         self._durations[source].observe(seconds)

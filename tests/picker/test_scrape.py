@@ -102,10 +102,12 @@ class FakeServer:
             "/v1/models": (200, httpx.Response(200, json=MODELS_BODY).text),
             "/status": (200, '{"adapters": {"food-review-1": {"state": "loaded"}}}'),
         }
+        self.delays: dict[str, float] = {}  # seconds to take before answering, by path
         self.url = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         self.hits[request.path] += 1
+        await asyncio.sleep(self.delays.get(request.path, 0.0))
         status, text = self.answers.get(request.path, (404, "not found"))
         return web.Response(status=status, text=text)
 
@@ -266,16 +268,43 @@ async def test_dead_and_hanging_endpoints_do_not_delay_a_live_one(
 
 
 @pytest.mark.asyncio
-async def test_a_hanging_endpoint_times_out_within_its_interval(hanging_address: str) -> None:
-    inventory = Inventory()
+async def test_a_hanging_endpoint_times_out_at_its_staleness_bound(hanging_address: str) -> None:
+    inventory = Inventory(Staleness(metrics=0.1, models=0.2, sidecar=0.2))
     inventory.set_endpoints([Endpoint(hanging_address)])
-    async with running(Scraper(inventory, metrics_interval=0.1, models_interval=0.2)):
+    async with running(Scraper(inventory, metrics_interval=0.05, models_interval=0.05)):
         # The messages tell the timeouts used; the wait only has to outlast a busy machine.
         await until(lambda: "models" in inventory.errors().get(hanging_address, {}))
     assert inventory.errors()[hanging_address] == {
         "metrics": "no answer within 0.1s",
         "models": "no answer within 0.2s",
     }
+
+
+@pytest.mark.asyncio
+async def test_a_slow_metrics_page_is_waited_for_and_never_asked_for_back_to_back(
+    fake_server: FakeFactory,
+) -> None:
+    server = await fake_server()
+    server.delays["/metrics"] = 0.06  # three intervals: a late answer, not a lost one
+    inventory = Inventory()  # /metrics answers count for 0.5 s, and are waited for as long
+    inventory.set_endpoints([Endpoint(address(server.url))])
+    with capture_logs() as logs:
+        async with running(fast_scraper(inventory, metrics_interval=0.02)):
+            await until(lambda: view(inventory, server.url).metrics is not None)
+            server.hits.clear()
+            await asyncio.sleep(1.2)
+            slow_hits = server.hits["/metrics"]
+            server.delays.clear()
+            await until(lambda: any(e["event"] == "scrape_back_to_pace" for e in logs))
+    # Back to back, 1.2 s of 60 ms answers would be 20 scrapes; resting three times as long
+    # after each leaves at most one per 240 ms.
+    assert 2 <= slow_hits <= 6, slow_hits
+    assert "metrics" not in inventory.errors().get(address(server.url), {})
+    [slowed] = [e for e in logs if e["event"] == "scrape_slowed"]
+    assert slowed["source"] == "metrics"
+    assert slowed["log_level"] == "warning"
+    assert slowed["took_seconds"] >= 0.06
+    assert "vllm:lora_requests_info" in slowed["why"]
 
 
 @pytest.mark.asyncio
