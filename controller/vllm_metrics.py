@@ -22,7 +22,7 @@ KV_CACHE_USAGE_OLD = "vllm:gpu_cache_usage_perc"  # the name before vLLM 0.10
 LORA_REQUESTS_INFO = "vllm:lora_requests_info"
 LORA_ADAPTER_LOADED = "vllm:lora_adapter_loaded"  # proposed upstream, not released yet
 
-_FAMILIES = (
+FAMILIES = (
     RUNNING,
     WAITING,
     KV_CACHE_USAGE,
@@ -34,7 +34,7 @@ _FAMILIES = (
 # name that starts the same is not taken). Anchored on a newline rather than on ^, since a
 # pattern that starts with a literal lets the engine skip ahead fast.
 _LINE = re.compile(
-    "\n(vllm:(?:" + "|".join(re.escape(f.removeprefix("vllm:")) for f in _FAMILIES) + "))"
+    "\n(vllm:(?:" + "|".join(re.escape(f.removeprefix("vllm:")) for f in FAMILIES) + "))"
     r"([{ \t][^\n]*)"
 )
 # What follows the name: labels up to the last brace (a value or timestamp never holds
@@ -64,7 +64,9 @@ def parse_vllm_metrics(text: str) -> MetricsObservation:
         raise MetricsParseError(f"no {KV_CACHE_USAGE} (or {KV_CACHE_USAGE_OLD}) samples")
     lora = _lora_requests(families.get(LORA_REQUESTS_INFO, []))
     # A family with no series is still announced by its TYPE line: nothing is loaded then,
-    # which differs from a vLLM that does not export the family at all.
+    # which differs from a vLLM that does not export the family at all. (A page restricted
+    # to some families leaves an empty one out: it then reads as not exported, and the
+    # residency estimate falls back on the other signals.)
     loaded = families.get(LORA_ADAPTER_LOADED)
     if loaded is None and f"# TYPE {LORA_ADAPTER_LOADED} " in text:
         loaded = []

@@ -109,7 +109,11 @@ class SimMetrics:
     def attach(self, engine: Engine) -> None:
         self._engine = engine
 
-    def render(self) -> bytes:
+    def render(self, families: list[str] | None = None) -> bytes:
+        """The exposition page; with `families`, only their samples, as prometheus_client's
+        own app answers `name[]` (an empty family is then left out)."""
+        if families:
+            return generate_latest(self.registry.restricted_registry(families))
         return generate_latest(self.registry)
 
     # EngineObserver
@@ -194,9 +198,26 @@ class SimMetrics:
             yield loaded
 
 
+# What collect_engine() may yield.
+ENGINE_FAMILIES = (
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:num_requests_waiting_by_reason",
+    "vllm:lora_requests_info",
+    "vllm:lora_adapter_loaded",
+)
+
+
 class _EngineCollector(Collector):
     def __init__(self, metrics: SimMetrics) -> None:
         self._metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        # Names for the registry: without them a page restricted with `name[]` would leave
+        # these families out, where vLLM's (ordinary, named gauges) are in.
+        for name in ENGINE_FAMILIES:
+            yield GaugeMetricFamily(name, "")
 
     def collect(self) -> Iterator[Metric]:
         return self._metrics.collect_engine()

@@ -97,8 +97,12 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    # As vLLM (0.32): /metrics is its instrumentator's whole page, whatever the query;
+    # prometheus_client's app, mounted behind it at /metrics/, honours `name[]`.
+    families = request.query.getall("name[]", []) if request.path == "/metrics/" else None
     return web.Response(
-        body=_sim(request).metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        body=_sim(request).metrics.render(families),
+        headers={"Content-Type": METRICS_CONTENT_TYPE},
     )
 
 
@@ -405,6 +409,7 @@ def build_app(sim: Simulator, server: SimServer) -> web.Application:
     app.router.add_post("/ping", health)
     app.router.add_get("/version", version)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics/", metrics)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)

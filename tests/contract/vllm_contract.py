@@ -19,6 +19,9 @@ from typing import Any
 
 import httpx
 
+from controller.scrape import RESTRICTED_PATH
+from controller.vllm_metrics import FAMILIES, RUNNING
+
 Check = Callable[[httpx.Response, "Context"], None]
 
 
@@ -207,6 +210,26 @@ def exports_vllm_metrics(response: httpx.Response, _ctx: Context) -> None:
     )
 
 
+def sample_families(text: str) -> set[str]:
+    return {
+        line.split("{")[0].split(" ")[0]
+        for line in text.splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+
+
+def only_the_named_families(response: httpx.Response, ctx: Context) -> None:
+    """What the picker scrapes: the families it reads, and nothing else."""
+    exports_vllm_metrics(response, ctx)
+    extra = sample_families(response.text) - set(FAMILIES)
+    assert not extra, f"families not asked for: {sorted(extra)[:10]}"
+
+
+def the_whole_page(response: httpx.Response, ctx: Context) -> None:
+    exports_vllm_metrics(response, ctx)
+    assert sample_families(response.text) - {RUNNING}, "names ignored: other families too"
+
+
 # --- the table ------------------------------------------------------------------------
 
 LOAD = "/v1/load_lora_adapter"
@@ -220,6 +243,15 @@ CASES: tuple[Case, ...] = (
     Case("version", (Step("GET", "/version", 200, checks=(lambda r, _c: r.json()["version"],)),)),
     Case("models-base-card", (Step("GET", "/v1/models", 200, checks=(base_card_first,)),)),
     Case("metrics", (Step("GET", "/metrics", 200, checks=(exports_vllm_metrics,)),)),
+    Case(
+        "metrics-restricted",
+        (Step("GET", RESTRICTED_PATH, 200, checks=(only_the_named_families,)),),
+    ),
+    # Why the picker asks /metrics/: at /metrics, vLLM's instrumentator ignores the names.
+    Case(
+        "metrics-names-ignored-without-the-slash",
+        (Step("GET", f"/metrics?name[]={RUNNING}", 200, checks=(the_whole_page,)),),
+    ),
     Case(
         "unknown-route",
         (

@@ -190,7 +190,43 @@ async def test_the_inventory_fills_from_real_simulators_and_follows_loads(
         assert view(inventory, second.url).registered == frozenset()
         await post(first.url, "/v1/unload_lora_adapter", {"lora_name": "review"})
         await until(lambda: view(inventory, first.url).registered == frozenset())
+
+        def nothing_loaded() -> bool:
+            # The restricted page leaves the emptied family out; the scraper knows it is
+            # exported, so this reads as none loaded, not as unknown.
+            observed = view(inventory, first.url).metrics
+            return observed is not None and observed.gpu_adapters == frozenset()
+
+        await until(nothing_loaded)
     assert inventory.errors() == {}
+
+
+@pytest.mark.asyncio
+async def test_metrics_come_from_the_restricted_page_when_served(
+    fake_server: FakeFactory,
+) -> None:
+    restricted, plain_only, failing = [await fake_server() for _ in range(3)]
+    restricted.answers["/metrics/"] = (200, METRICS_PAGE)
+    failing.answers["/metrics/"] = (503, "overloaded")
+    servers = (restricted, plain_only, failing)
+    inventory = Inventory()
+    inventory.set_endpoints([Endpoint(address(s.url)) for s in servers])
+    with capture_logs() as logs:
+        async with running(fast_scraper(inventory, metrics_interval=0.02)):
+            await until(lambda: plain_only.hits["/metrics"] >= 5)
+            await until(lambda: "metrics" in inventory.errors().get(address(failing.url), {}))
+    assert restricted.hits["/metrics/"] >= 1
+    assert restricted.hits["/metrics"] == 0
+    assert view(inventory, restricted.url).metrics is not None
+    # A server without the route: asked once, then only for the whole page.
+    assert plain_only.hits["/metrics/"] == 1
+    assert view(inventory, plain_only.url).metrics is not None
+    [switched] = [e for e in logs if e["event"] == "scrape_metrics_unrestricted"]
+    assert switched["endpoint"] == address(plain_only.url)
+    assert "HTTP 404" in switched["why"]
+    # A route that fails is a failure, not a reason to ask for the whole page.
+    assert failing.hits["/metrics"] == 0
+    assert "HTTP 503" in inventory.errors()[address(failing.url)]["metrics"]
 
 
 @pytest.mark.asyncio

@@ -185,3 +185,33 @@ def test_context_length_is_enforced_like_vllm_0_32(start_simulator: SimulatorFac
     assert clamped.status_code == 200, clamped.text
     assert clamped.json()["usage"]["total_tokens"] == 32
     assert clamped.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_page_restricted_to_every_family_is_the_whole_page(
+    start_simulator: SimulatorFactory, adapters: Callable[..., str]
+) -> None:
+    """Every family the simulator exports is named to its registry, so `name[]` (at
+    /metrics/, as in vLLM) leaves none of them out."""
+    sim = start_simulator(*FAST, "--export-lora-loaded", "--lora-modules", f"a={adapters()}")
+    with sim.client() as client:
+        answer = client.post("/v1/completions", json={"model": "a", "prompt": "Hi"})
+        assert answer.status_code == 200
+        whole = samples(client.get("/metrics").text)
+        names = sorted({name for name, _ in whole})
+        restricted = client.get("/metrics/", params=[("name[]", name) for name in names])
+    assert samples(restricted.text) == whole
+    assert "vllm:lora_requests_info" in names
+    assert "vllm:lora_adapter_loaded" in names
+
+
+def samples(page: str) -> set[tuple[str, str]]:
+    """(name, labels) of each sample; values and the clock-driven _created ones aside."""
+    found = set()
+    for line in page.splitlines():
+        if line and not line.startswith("#"):
+            name, _, rest = line.partition("{")
+            labels = rest.rpartition("}")[0] if rest else ""
+            name = name.split(" ")[0]
+            if not name.endswith("_created"):
+                found.add((name, labels))
+    return found
