@@ -58,7 +58,8 @@ BACK_TO_PACE_AFTER = 20
 # page shrinks from vLLM's whole one (53 KB on a fresh server, 3.9 ms a scrape, measured)
 # to about 0.5 KB (0.7 ms). vLLM 0.32 answers /metrics through an instrumentator that
 # ignores the parameter, with prometheus_client's app mounted behind it at /metrics/ (the
-# slash), which older versions serve too. A server without it gets the plain /metrics.
+# slash). A server without that route, or whose restricted page lacks the families (a
+# registry that cannot restrict, as a multiprocess one may), gets the plain /metrics.
 RESTRICTED_PATH = "/metrics/?" + urlencode([("name[]", family) for family in FAMILIES])
 NO_SUCH_ROUTE = frozenset({404, 405})
 
