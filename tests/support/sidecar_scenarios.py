@@ -98,7 +98,8 @@ def bad_adapters_fail_with_reasons(
     sidecar.wait_for(lambda s: s["adapters"]["big"]["attempts"] >= 3, timeout=10, what="retries")
     assert value(sidecar.url, "loractl_sidecar_failures_total", adapter_name="big",
                  reason="bad_artifact") >= 3  # fmt: skip
-    assert sidecar.adapter("good")["attempts"] == 1
+    good_status = sidecar.adapter("good")
+    assert good_status["attempts"] == 1, good_status  # its last_error tells why, if any
     assert httpx.get(f"{sidecar.url}/readyz").status_code == 200, "--ready-when any"
 
 
