@@ -45,9 +45,12 @@ ENDPOINTS_POLL = 0.05
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # vLLM renders /metrics in its API server, which also serves the requests, and the page only
 # grows (vLLM keeps every vllm:lora_requests_info label set it has exported): after each
-# scrape, rest this many times what it took, so that this picker never holds an endpoint
-# more than a quarter of the time, whatever the interval.
+# scrape, rest this many times what it took, so that this picker holds an endpoint at most
+# a quarter of the time, whatever the interval. The rest never exceeds half the staleness
+# bound: the time taken includes any stall of this process (a CPU throttled by its quota,
+# a paused VM), and resting three times a stall would leave the figures unknown for long.
 REST_PER_SCRAPE = 3.0
+MAX_REST_SHARE_OF_STALENESS = 0.5
 # Slowed scrapes in a row before it is told: a lone slow one is as likely a pause of this
 # process (its own measure of the time taken includes it) as the endpoint's doing.
 SLOW_SCRAPES_BEFORE_WARNING = 3
@@ -117,6 +120,9 @@ class Scraper:
             source: aiohttp.ClientTimeout(total=bound if timeout is None else timeout)
             for source, bound in stale_after.items()
         }
+        self._max_rests = {
+            source: MAX_REST_SHARE_OF_STALENESS * bound for source, bound in stale_after.items()
+        }
         # identity: vLLM's metrics app gzips on request, and inflating costs more CPU than
         # the bytes saved on a pod network.
         self._vllm_headers = {"Accept-Encoding": "identity"}
@@ -176,7 +182,7 @@ class Scraper:
 
     async def _poll(self, key: Key, session: aiohttp.ClientSession) -> None:
         loop = asyncio.get_running_loop()
-        interval = self._intervals[key[1]]
+        interval, max_rest = self._intervals[key[1]], self._max_rests[key[1]]
         # Random phases spread the endpoints over the interval instead of in one burst.
         await asyncio.sleep(random.uniform(0, interval))
         due = loop.time()
@@ -185,10 +191,10 @@ class Scraper:
                 started = loop.time()
                 answered = await self._scrape(key, session)
                 finished = loop.time()
-                rested = finished + REST_PER_SCRAPE * (finished - started)
+                took = finished - started
+                rested = finished + min(REST_PER_SCRAPE * took, max_rest)
                 if answered:  # failures are told as such (scrape_failing)
-                    slowed = rested > due + interval
-                    self._health.paced(key, slowed, finished - started, interval)
+                    self._health.paced(key, rested > due + interval, took, rested - started)
                 # Behind schedule (a slow answer): go again once rested, never in a burst.
                 due = max(due + interval, rested)
                 await asyncio.sleep(due - loop.time())
@@ -346,7 +352,7 @@ class _Health:
             log.warning("scrape_failing", endpoint=key[0], source=key[1].value, error=message)
         self._failures[key] = self._failures.get(key, 0) + 1
 
-    def paced(self, key: Key, slowed: bool, took: float, interval: float) -> None:
+    def paced(self, key: Key, slowed: bool, took: float, every: float) -> None:
         """One log line when a pair's answers stay too slow for its interval, one when they
         have been fast enough again for BACK_TO_PACE_AFTER scrapes."""
         if slowed:
@@ -360,12 +366,12 @@ class _Health:
                     endpoint=key[0],
                     source=key[1].value,
                     took_seconds=round(took, 4),
-                    every_seconds=round(took * (1 + REST_PER_SCRAPE), 4),
-                    interval_seconds=interval,
+                    every_seconds=round(every, 4),
                     why=f"a slow answer is asked for again only after resting "
-                    f"{REST_PER_SCRAPE:g} times as long; for /metrics, look at the page's "
-                    "size (vLLM keeps every vllm:lora_requests_info label set until it "
-                    "restarts) and at the API server's load",
+                    f"{REST_PER_SCRAPE:g} times as long (at most half the staleness bound); "
+                    "for /metrics, look at the page's size (vLLM keeps every "
+                    "vllm:lora_requests_info label set until it restarts) and at the API "
+                    "server's load",
                 )
         else:
             self._slow_streak.pop(key, None)

@@ -344,6 +344,25 @@ async def test_a_slow_metrics_page_is_waited_for_and_never_asked_for_back_to_bac
 
 
 @pytest.mark.asyncio
+async def test_a_stall_of_the_picker_itself_is_not_rested_three_times_over(
+    fake_server: FakeFactory,
+) -> None:
+    server = await fake_server()
+    server.delays["/metrics"] = 0.2  # so that a scrape is surely in flight below
+    inventory = Inventory()  # /metrics: stale after 0.5 s, so a rest of at most 0.25 s
+    inventory.set_endpoints([Endpoint(address(server.url))])
+    async with running(fast_scraper(inventory, metrics_interval=0.05)):
+        await until(lambda: view(inventory, server.url).metrics is not None)
+        asked = server.hits["/metrics"]
+        await until(lambda: server.hits["/metrics"] > asked)  # the server is answering
+        # The whole process stops, as when its CPU quota is spent or its VM is paused: the
+        # scrape in flight takes 2.2 s by this process's clock, none of it the endpoint's.
+        time.sleep(2.0)  # noqa: ASYNC251
+        asked = server.hits["/metrics"]
+        await until(lambda: server.hits["/metrics"] > asked, within=1.5)
+
+
+@pytest.mark.asyncio
 async def test_an_endpoint_that_dies_goes_stale_with_errors(
     start_simulator: SimulatorFactory,
 ) -> None:
