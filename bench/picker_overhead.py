@@ -558,7 +558,7 @@ def compare(phases: list[Phase], subject: Gateway = PICKER) -> list[dict[str, An
     the gateways back to back). Keys name the subject: `picker_rps`, `floor_rps`, ..."""
     rows = []
     keys = list(dict.fromkeys((p.kind, p.concurrency) for p in phases))
-    name = "picker" if subject == PICKER else "floor"
+    name, envoy = subject, ENVOY_GROUPS[subject]
     for kind, concurrency in keys:
         mine = [p for p in phases if (p.kind, p.concurrency) == (kind, concurrency)]
         by_round: dict[int, dict[str, Phase]] = {}
@@ -608,8 +608,8 @@ def compare(phases: list[Phase], subject: Gateway = PICKER) -> list[dict[str, An
                 "added_mean_ms": _median(_added(pairs, "mean_ms")),
                 f"{name}_cpu_percent": cpu(ours, name),
                 f"{name}_cpu_us_per_request": per_request_us(ours, name),
-                f"envoy_cpu_percent_{name}_phases": cpu(ours, f"envoy_{name}"),
-                f"envoy_cpu_us_per_request_{name}_phases": per_request_us(ours, f"envoy_{name}"),
+                f"envoy_cpu_percent_{name}_phases": cpu(ours, envoy),
+                f"envoy_cpu_us_per_request_{name}_phases": per_request_us(ours, envoy),
                 "envoy_cpu_percent_rr_phases": cpu(rr, "envoy_rr"),
                 "envoy_cpu_us_per_request_rr_phases": per_request_us(rr, "envoy_rr"),
                 f"sims_cpu_percent_{name}_phases": cpu(ours, "sims"),

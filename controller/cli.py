@@ -12,6 +12,7 @@ from typing import NoReturn
 
 import structlog
 
+from controller.inventory import METRICS_STALE_AFTER, OTHERS_STALE_AFTER
 from loractl import logs
 
 log = structlog.get_logger("controller")
@@ -124,19 +125,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=interval_seconds,
         default=0.05,
         help="seconds between vLLM /metrics scrapes; queue and KV figures count as unknown "
-        "after 10 intervals without a good one",
+        f"after {METRICS_STALE_AFTER} intervals without a good one",
     )
     scrape.add_argument(
         "--models-interval",
         type=interval_seconds,
         default=1.0,
-        help="seconds between vLLM /v1/models scrapes; unknown after 5 intervals",
+        help=f"seconds between vLLM /v1/models scrapes; unknown after {OTHERS_STALE_AFTER} "
+        "intervals",
     )
     scrape.add_argument(
         "--sidecar-interval",
         type=interval_seconds,
         default=1.0,
-        help="seconds between sidecar /status scrapes; unknown after 5 intervals",
+        help=f"seconds between sidecar /status scrapes; unknown after {OTHERS_STALE_AFTER} "
+        "intervals",
     )
     scrape.add_argument(
         "--vllm-api-key",

@@ -160,12 +160,13 @@ class Scraper:
             for source in Source
             if source is not Source.SIDECAR or self._sidecar_url(endpoint) is not None
         }
-        for key in self._tasks.keys() - wanted:
-            self._tasks.pop(key).cancel()
-            self._health.forget(key)
-        # An address that left may come back as another server.
-        self._unrestricted &= self._endpoints.keys()
-        self._export_loaded &= self._endpoints.keys()
+        if gone := self._tasks.keys() - wanted:
+            for key in gone:
+                self._tasks.pop(key).cancel()
+                self._health.forget(key)
+            # An address that left may come back as another server.
+            self._unrestricted &= self._endpoints.keys()
+            self._export_loaded &= self._endpoints.keys()
         for key in wanted:
             task = self._tasks.get(key)
             # A finished task can only have died of a bug (logged by _poll): start it again.
@@ -226,7 +227,7 @@ class Scraper:
         self, session: aiohttp.ClientSession, address: str, source: Source, url: str
     ) -> None:
         if source is Source.METRICS:
-            self._inventory.record_metrics(address, await self._metrics(session, address))
+            self._inventory.record_metrics(address, await self._metrics(session, address, url))
             return
         body = await self._fetch(session, source, url)
         if source is Source.MODELS:
@@ -234,8 +235,10 @@ class Scraper:
         else:
             self._inventory.record_sidecar(address, sidecar_states(json.loads(body)))
 
-    async def _metrics(self, session: aiohttp.ClientSession, address: str) -> MetricsObservation:
-        observation = await self._metrics_of(session, address)
+    async def _metrics(
+        self, session: aiohttp.ClientSession, address: str, whole_page: str
+    ) -> MetricsObservation:
+        observation = await self._metrics_of(session, address, whole_page)
         if observation.gpu_adapters is not None:
             self._export_loaded.add(address)
         elif address in self._export_loaded:
@@ -243,7 +246,9 @@ class Scraper:
             observation = replace(observation, gpu_adapters=frozenset(), cpu_adapters=frozenset())
         return observation
 
-    async def _metrics_of(self, session: aiohttp.ClientSession, address: str) -> MetricsObservation:
+    async def _metrics_of(
+        self, session: aiohttp.ClientSession, address: str, whole_page: str
+    ) -> MetricsObservation:
         """The restricted page, or the whole one from a server that has no restricted one
         (remembered: the next scrapes ask for the whole page at once)."""
         if address not in self._unrestricted:
@@ -254,7 +259,7 @@ class Scraper:
                     raise  # the route is there, the server could not answer: a failure
                 self._unrestricted.add(address)
                 log.info("scrape_metrics_unrestricted", endpoint=address, why=str(error))
-        return await self._metrics_page(session, f"http://{address}/metrics")
+        return await self._metrics_page(session, whole_page)
 
     async def _metrics_page(self, session: aiohttp.ClientSession, url: str) -> MetricsObservation:
         return parse_vllm_metrics((await self._fetch(session, Source.METRICS, url)).decode())
