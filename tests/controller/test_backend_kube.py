@@ -343,6 +343,9 @@ async def test_an_expired_watch_relists_and_sees_what_changed_meanwhile(
     with capture_logs() as logs:
         await start(backend)
         await until(lambda: backend.rollouts()[0].status == {"phase": "Done"})
+        # Once the relist's watch is open: the emulator does not replay what happened
+        # between a list and its watch (an API server does, from the resourceVersion).
+        await until(lambda: len(kmock["watch adapterrollouts"]) >= 2)
         await cluster.patch(ROLLOUTS, "a-rollout", {"status": {"phase": "Paused"}})
         await until(lambda: backend.rollouts()[0].status == {"phase": "Paused"})  # it holds
     assert len(kmock["list adapterrollouts"]) == 2

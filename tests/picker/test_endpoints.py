@@ -429,6 +429,9 @@ async def test_an_expired_pod_watch_relists_and_sees_what_changed_meanwhile(
     with capture_logs() as logs:
         async with watching(api) as (deliveries, _):
             await deliveries.reach("10.0.0.1:8000", "10.0.0.2:8000")
+            # Once the relist's watch is open: the emulator does not replay what happened
+            # between a list and its watch (an API server does, from the resourceVersion).
+            await until(lambda: len(kmock["watch pods"]) >= 2)
             await cluster.delete_pod("a")  # and the new watch holds
             await deliveries.reach("10.0.0.2:8000")
     assert len(kmock["list pods"]) == 2
