@@ -84,7 +84,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="run the inventory and metrics only, without the ext_proc server",
     )
-    picker.add_argument("--host", default="0.0.0.0")
+    picker.add_argument(
+        "--host",
+        default="0.0.0.0",
+        help="address the gRPC and HTTP servers listen on (default: all)",
+    )
     picker.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port")
     picker.add_argument("--grpc-health-port", type=int, default=9003, help="gRPC health port")
     picker.add_argument(
@@ -146,7 +150,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=os.environ.get("VLLM_API_KEY"),
         help="vLLM API key (env VLLM_API_KEY)",
     )
-    parser.add_argument("--log-level", default="info")
+    logs.add_level_option(parser)
     parser.set_defaults(run=run)
 
 

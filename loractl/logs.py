@@ -8,6 +8,7 @@ never reach a log line, whoever wrote the log call.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import MutableMapping
@@ -17,6 +18,7 @@ import structlog
 
 SECRET_KEY_PARTS = ("token", "api_key", "apikey", "authorization", "password", "secret")
 REDACTED = "***"
+LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def redact_secrets(
@@ -26,6 +28,17 @@ def redact_secrets(
         if any(part in key.lower() for part in SECRET_KEY_PARTS):
             event_dict[key] = REDACTED
     return event_dict
+
+
+def add_level_option(parser: argparse._ActionsContainer) -> None:
+    """`--log-level`, the same on every command: a bad level is refused with the good ones."""
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LEVELS,
+        default="info",
+        help="least severe level logged",
+    )
 
 
 def configure(level: str = "info") -> None:

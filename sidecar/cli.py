@@ -134,7 +134,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     compat.add_argument("--health-check-timeout", type=float, help=argparse.SUPPRESS)
     compat.add_argument("--health-check-interval", type=float, help=argparse.SUPPRESS)
     compat.add_argument("--config-validation", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--log-level", default="info")
+    logs.add_level_option(parser)
     parser.set_defaults(run=run)
 
 

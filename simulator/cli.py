@@ -82,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     sim.add_argument("--kv-cache-tokens", type=int, default=SimSettings.kv_cache_tokens)
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--log-level", default="info")
+    logs.add_level_option(sim)
     parser.set_defaults(run=run)
 
 
