@@ -19,7 +19,7 @@ from controller.backend.base import Backend
 from controller.backend.kube import KubeBackend
 from controller.backend.local import LocalBackend
 from controller.endpoints import InferencePoolEndpoints, StaticEndpoints
-from controller.extproc.server import serve_picker
+from controller.extproc.server import PortUnavailable, serve_picker
 from controller.http_api import HttpState, build_app
 from controller.inventory import Endpoint, Inventory, Staleness
 from controller.leader import LeaderElector, leader_identity
@@ -35,6 +35,17 @@ from controller.stats import TrafficStats
 from loractl.kube import kube_api_client
 
 log = structlog.get_logger("controller")
+
+
+class StartupError(Exception):
+    """A part could not start for a reason the operator can fix; the message says how."""
+
+
+def _port_taken(flag: str, address: str, reason: str) -> StartupError:
+    return StartupError(
+        f"{flag}: cannot listen on {address} ({reason}); stop what holds the port or "
+        f"choose another with {flag}"
+    )
 
 
 class Startable(Protocol):
@@ -68,7 +79,7 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
         models = LocalModels(local, args.pool)
         await local.start()  # the sources above hear of its first reading
     elif api is None:
-        sources.append(StaticEndpoints(args.endpoints.split(","), endpoints_changed))
+        sources.append(StaticEndpoints(args.endpoints, endpoints_changed))
         models = FileModels(args.models, loop, pool=args.pool)
     else:
         sources.append(
@@ -95,7 +106,11 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
         build_app(HttpState(registry, inventory, stats)), access_log=None, handle_signals=False
     )
     await runner.setup()
-    await web.TCPSite(runner, args.host, args.metrics_port).start()
+    try:
+        await web.TCPSite(runner, args.host, args.metrics_port).start()
+    except OSError as exc:
+        address = f"{args.host}:{args.metrics_port}"
+        raise _port_taken("--metrics-port", address, exc.strerror or str(exc)) from exc
     picker_server = None
     if not args.no_picker:
         picker = EndpointPicker(
@@ -113,9 +128,14 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
             rng,
         )
         tls = (str(args.tls_cert), str(args.tls_key)) if args.tls_cert else None
-        picker_server = await serve_picker(
-            picker, args.host, args.grpc_port, args.grpc_health_port, tls, args.max_body_bytes
-        )
+        try:
+            picker_server = await serve_picker(
+                picker, args.host, args.grpc_port, args.grpc_health_port, tls, args.max_body_bytes
+            )
+        except PortUnavailable as exc:
+            flag = "--grpc-port" if exc.port == args.grpc_port else "--grpc-health-port"
+            address = f"{args.host}:{exc.port}"
+            raise _port_taken(flag, address, "in use, or not an address of this machine") from exc
         registry.register(OutcomeCollector(picker_server.outcomes))
     log.info(
         "started",

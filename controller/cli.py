@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import random
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -29,7 +30,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     where = parser.add_argument_group(
         "endpoints and models (one of --pool, --endpoints with --models, or --local)"
     )
-    where.add_argument("--endpoints", help="static endpoint list: ip:port,ip:port,...")
+    where.add_argument(
+        "--endpoints",
+        type=endpoint_addresses,
+        help="static endpoint list: ip:port,ip:port,...",
+    )
     where.add_argument(
         "--pool",
         help="InferencePool name: its ready pods are the endpoints; with --local, the pool "
@@ -89,11 +94,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="0.0.0.0",
         help="address the gRPC and HTTP servers listen on (default: all)",
     )
-    picker.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port")
-    picker.add_argument("--grpc-health-port", type=int, default=9003, help="gRPC health port")
+    picker.add_argument("--grpc-port", type=port_number, default=9002, help="ext_proc gRPC port")
+    picker.add_argument(
+        "--grpc-health-port", type=port_number, default=9003, help="gRPC health port"
+    )
     picker.add_argument(
         "--metrics-port",
-        type=int,
+        type=port_number,
         default=9090,
         help="HTTP port of /metrics, /healthz and /inventory",
     )
@@ -120,7 +127,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     scrape = parser.add_argument_group("inventory scraping")
     scrape.add_argument(
         "--sidecar-port",
-        type=int,
+        type=port_number,
         default=8080,
         help="port of each pod's loractl sidecar (/status)",
     )
@@ -180,6 +187,29 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number; got {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535; got {value}")
+    return value
+
+
+def endpoint_addresses(text: str) -> list[str]:
+    """--endpoints: canonical "ip:port" addresses (the gateway needs IPs, not host names)."""
+    from controller.endpoints import parse_address
+
+    try:
+        addresses = [parse_address(entry) for entry in text.split(",") if entry.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; give ip:port,ip:port,...") from None
+    if not addresses:
+        raise argparse.ArgumentTypeError("give at least one ip:port")
+    return addresses
+
+
 def check_sources(args: argparse.Namespace) -> None:
     """Exactly one place to learn endpoints from; in local mode, the pool named or implied."""
 
@@ -204,6 +234,19 @@ def check_sources(args: argparse.Namespace) -> None:
         fail("say where the endpoints are: --pool NAME, --endpoints with --models, or --local DIR")
 
 
+def check_tls(cert: Path, key: Path) -> None:
+    """The pair gRPC will serve, read the way any TLS server reads it: gRPC itself only says
+    that it could not listen."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise SystemExit(
+            f"loractl controller: error: --tls-cert {cert} --tls-key {key}: not a PEM "
+            f"certificate and its private key ({exc.reason or exc}); give the PEM files of "
+            "one certificate and its key"
+        ) from exc
+
+
 def only_local_pool(directory: Path, namespace: str, fail: Callable[[str], NoReturn]) -> str:
     from controller.backend.local import POOL_KIND
     from loractl.objectdir import ObjectDirectory
@@ -225,9 +268,11 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.models, args.profile, args.tls_cert, args.tls_key):
         if path is not None and not path.is_file():
             raise SystemExit(f"loractl controller: error: {path}: no such file")
+    if args.tls_cert is not None:
+        check_tls(args.tls_cert, args.tls_key)
     # Imported here, not at the top: gRPC and the picker cost start-up time and memory that
     # the other subcommands (the sidecar above all) must not pay.
-    from controller.app import serve
+    from controller.app import StartupError, serve
     from controller.scheduling.profile import ProfileError, load_profile
     from loractl.kube import KubeConfigError
 
@@ -242,6 +287,6 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"loractl controller: error: {args.profile}: {exc}") from exc
     try:
         asyncio.run(serve(args, pipeline, rng))
-    except KubeConfigError as exc:
+    except (KubeConfigError, StartupError) as exc:
         raise SystemExit(f"loractl controller: error: {exc}") from exc
     return 0

@@ -488,12 +488,24 @@ def _server(max_message_bytes: int) -> grpc.aio.Server:
     )
 
 
-def _bind(server: grpc.aio.Server, address: str, tls: tuple[Path, Path] | None) -> int:
-    if tls is None:
-        return server.add_insecure_port(address)
-    cert_path, key_path = tls
-    credentials = grpc.ssl_server_credentials([(key_path.read_bytes(), cert_path.read_bytes())])
-    return server.add_secure_port(address, credentials)
+class PortUnavailable(RuntimeError):
+    """gRPC could not listen on `port` (in use, or not an address of this machine)."""
+
+    def __init__(self, address: str, port: int) -> None:
+        super().__init__(f"cannot listen on {address}: in use, or not an address of this machine")
+        self.port = port
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, tls: tuple[Path, Path] | None) -> int:
+    address = f"{host}:{port}"
+    try:
+        if tls is None:
+            return server.add_insecure_port(address)
+        cert_path, key_path = tls
+        key_and_cert = (key_path.read_bytes(), cert_path.read_bytes())
+        return server.add_secure_port(address, grpc.ssl_server_credentials([key_and_cert]))
+    except RuntimeError as exc:  # gRPC says no more than "Failed to bind"
+        raise PortUnavailable(address, port) from exc
 
 
 async def serve_picker(
@@ -525,14 +537,14 @@ async def serve_picker(
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(outcomes), main)
     health_pb2_grpc.add_HealthServicer_to_server(health, main)
     tls_paths = None if tls is None else (Path(tls[0]), Path(tls[1]))
-    bound_port = _bind(main, f"{host}:{port}", tls_paths)
+    bound_port = _bind(main, host, port, tls_paths)
     servers = [main]
     bound_health_port = bound_port
     shares_port = health_port == port != 0
     if not shares_port:
         health_only = _server(_MESSAGE_OVERHEAD_BYTES)
         health_pb2_grpc.add_HealthServicer_to_server(health, health_only)
-        bound_health_port = _bind(health_only, f"{host}:{health_port}", None)
+        bound_health_port = _bind(health_only, host, health_port, None)
         servers.append(health_only)
     for server in servers:
         await server.start()
