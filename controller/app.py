@@ -32,20 +32,10 @@ from controller.scheduling import compiled
 from controller.scheduling.pipeline import Pipeline
 from controller.scrape import Scraper
 from controller.stats import TrafficStats
+from loractl.flags import CannotListen, listen
 from loractl.kube import kube_api_client
 
 log = structlog.get_logger("controller")
-
-
-class StartupError(Exception):
-    """A part could not start for a reason the operator can fix; the message says how."""
-
-
-def _port_taken(flag: str, address: str, reason: str) -> StartupError:
-    return StartupError(
-        f"{flag}: cannot listen on {address} ({reason}); stop what holds the port or "
-        f"choose another with {flag}"
-    )
 
 
 class Startable(Protocol):
@@ -106,11 +96,8 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
         build_app(HttpState(registry, inventory, stats)), access_log=None, handle_signals=False
     )
     await runner.setup()
-    try:
-        await web.TCPSite(runner, args.host, args.metrics_port).start()
-    except OSError as exc:
-        address = f"{args.host}:{args.metrics_port}"
-        raise _port_taken("--metrics-port", address, exc.strerror or str(exc)) from exc
+    site = web.TCPSite(runner, args.host, args.metrics_port)
+    await listen(site.start, "--metrics-port", args.host, args.metrics_port)
     picker_server = None
     if not args.no_picker:
         picker = EndpointPicker(
@@ -135,7 +122,7 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
         except PortUnavailable as exc:
             flag = "--grpc-port" if exc.port == args.grpc_port else "--grpc-health-port"
             address = f"{args.host}:{exc.port}"
-            raise _port_taken(flag, address, "in use, or not an address of this machine") from exc
+            raise CannotListen(flag, address, "in use, or not an address of this machine") from exc
         registry.register(OutcomeCollector(picker_server.outcomes))
     log.info(
         "started",

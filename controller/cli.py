@@ -15,6 +15,7 @@ import structlog
 
 from controller.inventory import METRICS_STALE_AFTER, OTHERS_STALE_AFTER
 from loractl import logs
+from loractl.flags import CannotListen, port_number
 
 log = structlog.get_logger("controller")
 
@@ -187,16 +188,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number; got {text!r}") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535; got {value}")
-    return value
-
-
 def endpoint_addresses(text: str) -> list[str]:
     """--endpoints: canonical "ip:port" addresses (the gateway needs IPs, not host names)."""
     from controller.endpoints import parse_address
@@ -272,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         check_tls(args.tls_cert, args.tls_key)
     # Imported here, not at the top: gRPC and the picker cost start-up time and memory that
     # the other subcommands (the sidecar above all) must not pay.
-    from controller.app import StartupError, serve
+    from controller.app import serve
     from controller.scheduling.profile import ProfileError, load_profile
     from loractl.kube import KubeConfigError
 
@@ -287,6 +278,6 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"loractl controller: error: {args.profile}: {exc}") from exc
     try:
         asyncio.run(serve(args, pipeline, rng))
-    except (KubeConfigError, StartupError) as exc:
+    except (KubeConfigError, CannotListen) as exc:
         raise SystemExit(f"loractl controller: error: {exc}") from exc
     return 0

@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from loractl import logs
+from loractl.flags import CannotListen, listen, port_number
 from sidecar.fetch import AdapterFetcher
 from sidecar.local import LocalConfigMapWatcher
 from sidecar.reconciler import Reconciler, ReconcilerSettings
@@ -50,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--port",
         "--metrics-port",
-        type=int,
+        type=port_number,
         default=8080,
         help="port of /healthz, /readyz, /status and /metrics",
     )
@@ -176,7 +177,10 @@ def run(args: argparse.Namespace) -> int:
             "loractl sidecar: error: --annotate-pod needs env POD_NAME and POD_NAMESPACE "
             "(set them from the downward API: fieldRef metadata.name / metadata.namespace)"
         )
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except CannotListen as exc:
+        raise SystemExit(f"loractl sidecar: error: {exc}") from exc
     return 0
 
 
@@ -191,7 +195,8 @@ async def serve(args: argparse.Namespace) -> None:
     reconciler = Reconciler(settings, fetcher)
     runner = web.AppRunner(build_app(reconciler), access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, args.host, args.port).start()
+    site = web.TCPSite(runner, args.host, args.port)
+    await listen(site.start, "--port", args.host, args.port)
     watchers: list[Watcher] = [
         ConfigFileWatcher(settings.config_path, reconciler.trigger, loop, args.debounce)
     ]

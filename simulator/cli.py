@@ -11,6 +11,7 @@ import sys
 import structlog
 
 from loractl import logs
+from loractl.flags import CannotListen, port_or_zero
 from simulator.server import SimServer
 from simulator.service import Simulator
 from simulator.settings import (
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     vllm = parser.add_argument_group("vLLM flags (same meaning as vLLM's)")
     vllm.add_argument("--host", default="127.0.0.1")
-    vllm.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    vllm.add_argument("--port", type=port_or_zero, default=8000, help="0 picks a free port")
     vllm.add_argument("--model", default=SimSettings.model)
     vllm.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME")
     vllm.add_argument("--enable-lora", action="store_true", help="accepted; LoRA is always on")
@@ -122,7 +123,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"loractl sim: error: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(simulator))
+    try:
+        asyncio.run(serve(simulator))
+    except CannotListen as exc:
+        raise SystemExit(f"loractl sim: error: {exc}") from exc
     return 0
 
 

@@ -15,6 +15,7 @@ import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
+from loractl.flags import listen
 from simulator.faults import ErrorRateRequest, LatencyRequest, RestartRequest, UnhealthyRequest
 from simulator.protocol import (
     ChatCompletionRequest,
@@ -442,7 +443,7 @@ class SimServer:
 
     async def _listen(self) -> None:
         self._site = web.TCPSite(self.runner, self.sim.settings.host, self.port)
-        await self._site.start()
+        await listen(self._site.start, "--port", self.sim.settings.host, self.port)
         server = self._site._server
         assert isinstance(server, asyncio.base_events.Server)
         self.port = server.sockets[0].getsockname()[1]
