@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loractl.processes import ChildProcess, ChildProcessError
+from loractl.processes import ChildProcess, ChildProcessError, free_port
 from tests.support.simulators import loractl_argv
 
 
@@ -67,3 +67,33 @@ def test_cli_lists_its_subcommands() -> None:
     assert "sim" in result.stdout
     version = subprocess.run(loractl_argv("--version"), capture_output=True, text=True, timeout=30)
     assert version.stdout.startswith("loractl ")
+
+
+class SocketOfferingPorts:
+    """Stands in for the system's socket: offers the scripted ports in turn, as a kernel may
+    offer a port it has just freed again (which cannot be forced for real)."""
+
+    def __init__(self, offers: list[int]) -> None:
+        self._offers = iter(offers)
+        self._port = 0
+
+    def __call__(self, *_args: object) -> SocketOfferingPorts:
+        return self
+
+    def __enter__(self) -> SocketOfferingPorts:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        """Nothing to close."""
+
+    def bind(self, _address: tuple[str, int]) -> None:
+        self._port = next(self._offers)
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.9", self._port)
+
+
+def test_free_port_never_gives_a_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    offers = SocketOfferingPorts([41000, 41000, 41001])
+    monkeypatch.setattr("loractl.processes.socket.socket", offers)
+    assert [free_port("127.0.0.9"), free_port("127.0.0.9")] == [41000, 41001]
