@@ -121,8 +121,7 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
             )
         except PortUnavailable as exc:
             flag = "--grpc-port" if exc.port == args.grpc_port else "--grpc-health-port"
-            address = f"{args.host}:{exc.port}"
-            raise CannotListen(flag, address, "in use, or not an address of this machine") from exc
+            raise CannotListen(flag, exc.address, exc.reason) from exc
         registry.register(OutcomeCollector(picker_server.outcomes))
     log.info(
         "started",

@@ -489,10 +489,13 @@ def _server(max_message_bytes: int) -> grpc.aio.Server:
 
 
 class PortUnavailable(RuntimeError):
-    """gRPC could not listen on `port` (in use, or not an address of this machine)."""
+    """gRPC could not listen on `address`; it does not say why, so `reason` lists the causes."""
+
+    reason = "in use, or not an address of this machine"
 
     def __init__(self, address: str, port: int) -> None:
-        super().__init__(f"cannot listen on {address}: in use, or not an address of this machine")
+        super().__init__(f"cannot listen on {address}: {self.reason}")
+        self.address = address
         self.port = port
 
 
