@@ -32,6 +32,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeAlias
 
+from loractl.flags import header_problem
+
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
@@ -67,7 +69,6 @@ SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/names
 CRD_MANIFEST = "manifests/crds/adapterrollouts.loractl.io.yaml"
 DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 MAX_NAME = 253
-HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
 HISTORY_SHOWN = 5
 WATCH_INTERVAL = 2.0  # seconds
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
@@ -426,11 +427,9 @@ def _gates(draft: _Draft) -> dict[str, Any] | None:
 
 def _check_sticky_header(draft: _Draft) -> None:
     header = draft.flags.sticky_header
-    if header is not None and not HEADER_NAME.fullmatch(header):
-        draft.problems.append(
-            f"--sticky-header {header!r} is not an HTTP header name: use letters, digits and "
-            "'-', e.g. x-user-id"
-        )
+    problem = None if header is None else header_problem(header)
+    if problem is not None:
+        draft.problems.append(f"--sticky-header {problem}")
 
 
 def _check_drain(draft: _Draft) -> None:

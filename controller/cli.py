@@ -15,7 +15,7 @@ import structlog
 
 from controller.inventory import METRICS_STALE_AFTER, OTHERS_STALE_AFTER
 from loractl import logs
-from loractl.flags import CannotListen, port_number
+from loractl.flags import CannotListen, header_name, port_number
 
 log = structlog.get_logger("controller")
 
@@ -115,6 +115,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     picker.add_argument(
         "--sticky-header",
+        type=header_name,
         metavar="HEADER",
         help="request header (e.g. x-user-id) that pins a client to one target",
     )
@@ -238,6 +239,17 @@ def check_tls(cert: Path, key: Path) -> None:
         ) from exc
 
 
+def file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as a file the controller loads, or None if it can."""
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return "is a directory; give the file's path"
+    if path.exists():
+        return "not a regular file; give the path of a file"
+    return "no such file"
+
+
 def only_local_pool(directory: Path, namespace: str, fail: Callable[[str], NoReturn]) -> str:
     from controller.backend.local import POOL_KIND
     from loractl.objectdir import ObjectDirectory
@@ -256,9 +268,15 @@ def run(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("loractl controller: error: --tls-cert and --tls-key go together")
     check_sources(args)
-    for path in (args.models, args.profile, args.tls_cert, args.tls_key):
-        if path is not None and not path.is_file():
-            raise SystemExit(f"loractl controller: error: {path}: no such file")
+    for flag, path in (
+        ("--models", args.models),
+        ("--profile", args.profile),
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+    ):
+        problem = None if path is None else file_problem(path)
+        if problem is not None:
+            raise SystemExit(f"loractl controller: error: {flag} {path}: {problem}")
     if args.tls_cert is not None:
         check_tls(args.tls_cert, args.tls_key)
     # Imported here, not at the top: gRPC and the picker cost start-up time and memory that

@@ -1,10 +1,12 @@
-"""Command-line pieces every loractl command shares: port flags, and what to say when a
-port cannot be listened on. Kept free of heavy imports: every command's parser loads it."""
+"""Command-line pieces every loractl command shares: port and header flags, and what to say
+when a port cannot be listened on. Kept free of heavy imports: every command's parser loads
+it."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Awaitable, Callable
 
 
@@ -26,6 +28,24 @@ def port_number(text: str) -> int:
 def port_or_zero(text: str) -> int:
     """A port to listen on, where 0 lets the system pick a free one."""
     return _port(text, lowest=0)
+
+
+HTTP_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # what RFC 9110 allows a header name
+
+
+def header_problem(name: str) -> str | None:
+    """Why `name` cannot be an HTTP request header name, or None if it can."""
+    if HTTP_TOKEN.fullmatch(name):
+        return None
+    return f"{name!r} is not an HTTP header name: use letters, digits and '-', e.g. x-user-id"
+
+
+def header_name(text: str) -> str:
+    """A request header to read: an HTTP token; an empty one would silently match nothing."""
+    problem = header_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 class CannotListen(Exception):

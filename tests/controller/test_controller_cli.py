@@ -30,6 +30,13 @@ from tests.support.commands import run_command
         ),
         ("--endpoints", "10.0.0.1:80000", "port out of range in endpoint '10.0.0.1:80000'"),
         ("--endpoints", ",", "give at least one ip:port"),
+        (
+            "--sticky-header",
+            "",
+            "'' is not an HTTP header name: use letters, digits and '-', e.g. x-user-id",
+        ),
+        ("--sticky-header", "x user", "'x user' is not an HTTP header name"),
+        ("--sticky-header", "x-user:", "'x-user:' is not an HTTP header name"),
     ],
 )
 def test_bad_flags_are_refused_with_what_to_give(
@@ -38,6 +45,25 @@ def test_bad_flags_are_refused_with_what_to_give(
     done = run_command("controller", tmp_path, flag, value)
     assert done.returncode == 2, done.stderr
     assert f"argument {flag}: {says}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "path", "says"),
+    [
+        ("--models", "missing.yaml", "no such file"),
+        ("--profile", ".", "is a directory; give the file's path"),
+        ("--models", "/dev/null", "not a regular file; give the path of a file"),
+        ("--tls-cert", "missing.pem", "no such file"),
+    ],
+)
+def test_a_file_flag_that_names_no_file_is_refused_with_its_flag(
+    flag: str, path: str, says: str, tmp_path: Path
+) -> None:
+    pair = ["--tls-key", "missing-key.pem"] if flag == "--tls-cert" else []
+    done = run_command("controller", tmp_path, flag, path, *pair)
+    assert done.returncode == 1, done.stderr
+    assert f"loractl controller: error: {flag} {path}: {says}" in done.stderr
     assert "Traceback" not in done.stderr
 
 
