@@ -31,23 +31,57 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="A server a client cannot tell from vLLM for everything loractl touches.",
     )
     vllm = parser.add_argument_group("vLLM flags (same meaning as vLLM's)")
-    vllm.add_argument("--host", default="127.0.0.1")
+    vllm.add_argument("--host", default="127.0.0.1", help="address to listen on")
     vllm.add_argument("--port", type=port_or_zero, default=8000, help="0 picks a free port")
-    vllm.add_argument("--model", default=SimSettings.model)
-    vllm.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME")
+    vllm.add_argument(
+        "--model", default=SimSettings.model, help="base model name (nothing is downloaded)"
+    )
+    vllm.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="names clients may use for the base model (default: --model)",
+    )
     vllm.add_argument("--enable-lora", action="store_true", help="accepted; LoRA is always on")
-    vllm.add_argument("--max-loras", type=int, default=1)
-    vllm.add_argument("--max-cpu-loras", type=int, default=None)
-    vllm.add_argument("--max-lora-rank", type=int, default=16)
-    vllm.add_argument("--max-num-seqs", type=int, default=256)
-    vllm.add_argument("--max-model-len", type=int, default=2048)
-    vllm.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH")
+    vllm.add_argument(
+        "--max-loras", type=int, default=1, help="adapters in GPU slots at once (default 1)"
+    )
+    vllm.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=None,
+        help="adapters kept in the CPU cache, at least --max-loras (default: --max-loras)",
+    )
+    vllm.add_argument(
+        "--max-lora-rank", type=int, default=16, help="largest adapter rank accepted (default 16)"
+    )
+    vllm.add_argument(
+        "--max-num-seqs", type=int, default=256, help="sequences running at once (default 256)"
+    )
+    vllm.add_argument(
+        "--max-model-len",
+        type=int,
+        default=2048,
+        help="prompt plus completion tokens allowed per request (default 2048)",
+    )
+    vllm.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help='adapters loaded at start: name=path or {"name": ..., "path": ...}',
+    )
     vllm.add_argument(
         "--api-key",
         default=os.environ.get("VLLM_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1 routes (env VLLM_API_KEY)",
     )
-    vllm.add_argument("--enable-force-include-usage", action="store_true")
+    vllm.add_argument(
+        "--enable-force-include-usage",
+        action="store_true",
+        help="send token usage in every stream, as if each client asked for it",
+    )
     sim = parser.add_argument_group("simulator flags")
     sim.add_argument(
         "--allow-runtime-lora-updating",
@@ -60,9 +94,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="export vllm:lora_adapter_loaded{adapter_name,level} (proposed upstream)",
     )
     sim.add_argument(
-        "--prefill-ms-per-token", type=float, default=LatencyModel.prefill_ms_per_token
+        "--prefill-ms-per-token",
+        type=float,
+        default=LatencyModel.prefill_ms_per_token,
+        help="simulated prefill time per prompt token",
     )
-    sim.add_argument("--inter-token-ms", type=float, default=LatencyModel.inter_token_ms)
+    sim.add_argument(
+        "--inter-token-ms",
+        type=float,
+        default=LatencyModel.inter_token_ms,
+        help="simulated time between generated tokens",
+    )
     sim.add_argument(
         "--swap-in-ms",
         type=float,
@@ -81,8 +123,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=1.0,
         help="wall seconds per simulated second; 0 removes all latency",
     )
-    sim.add_argument("--kv-cache-tokens", type=int, default=SimSettings.kv_cache_tokens)
-    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=SimSettings.kv_cache_tokens,
+        help="KV-cache capacity in tokens: the base of vllm:kv_cache_usage_perc, and what "
+        "makes requests wait when full",
+    )
+    sim.add_argument(
+        "--seed", type=int, default=0, help="seed of the injected faults' random draws"
+    )
     logs.add_level_option(sim)
     parser.set_defaults(run=run)
 

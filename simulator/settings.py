@@ -84,10 +84,23 @@ class SimSettings:
             raise ValueError(
                 f"--max-lora-rank {self.max_lora_rank} is not one of {list(VALID_MAX_LORA_RANKS)}"
             )
-        if self.max_num_seqs < 1:
-            raise ValueError("--max-num-seqs must be at least 1")
-        if self.latency.time_scale < 0:
-            raise ValueError("--time-scale must not be negative")
+        for flag, value in (
+            ("--max-num-seqs", self.max_num_seqs),
+            ("--max-model-len", self.max_model_len),
+            ("--kv-cache-tokens", self.kv_cache_tokens),
+        ):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1; got {value}")
+        latency = self.latency
+        for flag, figure in (
+            ("--prefill-ms-per-token", latency.prefill_ms_per_token),
+            ("--inter-token-ms", latency.inter_token_ms),
+            ("--swap-in-ms", latency.swap_in_ms),
+            ("--disk-load-ms", latency.disk_load_ms),
+            ("--time-scale", latency.time_scale),
+        ):
+            if not figure >= 0:  # NaN too
+                raise ValueError(f"{flag} must be 0 or more; got {figure}")
 
     @property
     def base_names(self) -> tuple[str, ...]:

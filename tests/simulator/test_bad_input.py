@@ -99,6 +99,11 @@ def test_broken_adapter_config_is_refused_by_the_worker_like_vllm(
         (["--lora-modules", "no-equals-sign"], "expected name=path"),
         (["--lora-modules", "a=/does/not/exist"], "No adapter found for /does/not/exist"),
         (["--max-loras", "0"], "--max-loras must be at least 1"),
+        (["--kv-cache-tokens", "0"], "--kv-cache-tokens must be at least 1; got 0"),
+        (["--max-model-len", "-1"], "--max-model-len must be at least 1; got -1"),
+        (["--inter-token-ms", "-5"], "--inter-token-ms must be 0 or more; got -5.0"),
+        (["--disk-load-ms", "nan"], "--disk-load-ms must be 0 or more; got nan"),
+        (["--time-scale", "-1"], "--time-scale must be 0 or more; got -1.0"),
     ],
 )
 def test_bad_flags_exit_with_a_clear_error(flags: list[str], message: str) -> None:
