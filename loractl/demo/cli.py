@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(summary, indent=2))
-    else:
+    elif not args.keep:  # with --keep it was shown before the wait, and nothing has changed
         print(report.summary_text(summary), end="")
     return 0 if summary["ok"] else 1
 
@@ -152,6 +152,8 @@ class Demo:
                 self.say(report.summary_text(self.summarise(stack, workload, scraped, [], started)))
                 self.wait_for_interrupt(stack)
             stopped = stack.stop()
+        if keep:
+            self.say("every process was stopped")
         return self.summarise(stack, workload, scraped, stopped, started)
 
     async def story(self, stack: Stack, workload: Workload) -> dict[str, float | dict[str, float]]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from loractl.demo.report import tolerance
@@ -89,3 +91,38 @@ def test_a_controller_killed_mid_rollout_resumes_from_the_files(tmp_path: Path) 
     assert restart["weights"]["food-review-2"] == 50, "killed mid-rollout"
     started = [h["step"] for h in summary["rollout"]["history"] if h["reason"] == "StepStarted"]
     assert started == [0, 1, 2], f"each step started once, none repeated: {started}"
+
+
+@pytest.mark.timeout(DEMO_TIMEOUT + 30)
+def test_kept_demo_answers_what_it_suggests_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "loractl", "demo", "--fast", "--keep", "--state-dir", state],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        shown: list[str] = []
+        for line in demo.stdout:
+            shown.append(line)
+            if line.startswith("press Ctrl-C"):
+                break
+        kept = "".join(shown)
+        assert "press Ctrl-C" in kept, f"{kept}\n{demo.stderr.read() if demo.stderr else ''}"
+        [curl] = [line for line in shown if "/v1/completions" in line]
+        url = curl.split()[2]
+        payload = json.loads(curl.split(" -d ", 1)[1].strip().strip("'"))
+        answer = httpx.post(url, json=payload, timeout=10)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] in {"food-review-1", "food-review-2"}
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=30)
+    finally:
+        demo.kill()
+        demo.wait()
+    assert demo.returncode == 0, rest
+    assert kept.count("canary food-review-1 -> food-review-2: Promoted") == 1
+    assert "canary food-review-1" not in rest, "the summary is shown once, before the wait"
+    assert rest.strip().endswith("every process was stopped")
