@@ -78,7 +78,7 @@ from controller.extproc.envoy_config import (
     round_robin_bootstrap,
     wait_envoy_ready,
 )
-from controller.extproc.server import _body_answer
+from controller.extproc.server import routing_body_answer
 from loractl.processes import ChildProcess, free_port
 from simulator.adapter_files import write_adapter
 
@@ -304,7 +304,7 @@ def start_floor(
     port = free_port()
     # The picker's own answers, one per endpoint, so Envoy applies the same mutations.
     answers = [
-        _body_answer([address], None, f"floor-{i}").SerializeToString().hex()
+        routing_body_answer([address], None, f"floor-{i}").SerializeToString().hex()
         for i, address in enumerate(addresses)
     ]
     argv = [str(binary), "-listen", f"127.0.0.1:{port}", "-body-answers", ",".join(answers)]

@@ -204,9 +204,12 @@ def _headers_answer(
     )
 
 
-def _body_answer(
+def routing_body_answer(
     endpoints: list[str], new_body: bytes | None, route_id: str
 ) -> pb.ProcessingResponse:
+    """The answer to a buffered body that sends the request to `endpoints[0]` (the rest are
+    fallbacks), with the rewritten body if any; public so a benchmark answers Envoy exactly so.
+    """
     common = _routing(endpoints, new_body)
     if new_body is not None:
         common.body_mutation.body = new_body
@@ -408,7 +411,7 @@ class _Exchange:
             last = _CONTINUE_REQUEST_BODY if decision.body is None else _replace_body(decision.body)
             return [_headers_answer(endpoints, decision.body, route_id), *earlier, last]
         # The headers are still held by Envoy (BUFFERED): route on the last body answer.
-        return [*earlier, _body_answer(endpoints, decision.body, route_id)]
+        return [*earlier, routing_body_answer(endpoints, decision.body, route_id)]
 
     def _earlier_chunk_answers(self, new_body: bytes | None) -> list[pb.ProcessingResponse]:
         """Answers to all chunks but the last: emptied when the last one carries a new body."""
