@@ -1217,7 +1217,8 @@ def _register_start(commands: Subparsers, common: argparse.ArgumentParser) -> No
     plan.add_argument(
         "--sticky-header",
         metavar="H",
-        help="request header (e.g. x-user-id) that keeps a user on one adapter as the weights move",
+        help="request header (e.g. x-user-id) that keeps a user on one adapter as the weights "
+        "move; written to the InferenceModel as the loractl.io/sticky-header annotation",
     )
     plan.add_argument(
         "--keep-on-abort",

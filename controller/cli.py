@@ -117,7 +117,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--sticky-header",
         type=header_name,
         metavar="HEADER",
-        help="request header (e.g. x-user-id) that pins a client to one target",
+        help="request header (e.g. x-user-id) that pins a client to one target, for models "
+        "whose InferenceModel has no loractl.io/sticky-header annotation",
     )
     picker.add_argument(
         "--max-body-bytes",

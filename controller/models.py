@@ -6,6 +6,10 @@ id header) the choice is a consistent hash: each key owns a fixed point in
 [0, total weight), and targets own consecutive ranges in the order they are
 listed. Shifting weight from the first target to the second therefore only
 ever moves users forward, never back and forth, during a canary.
+
+The sticky header is the controller's `--sticky-header`, or per object the
+`loractl.io/sticky-header` annotation, which a rollout with `spec.stickiness`
+writes together with the weights.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from controller.scheduling.types import Criticality
+from loractl.flags import header_problem
 
 INFERENCE_MODEL = "InferenceModel"
 INFERENCE_MODEL_REWRITE = "InferenceModelRewrite"
+STICKY_HEADER_ANNOTATION = "loractl.io/sticky-header"
 
 
 class ModelConfigError(ValueError):
@@ -39,6 +45,8 @@ class ModelRoute:
     criticality: Criticality = Criticality.STANDARD
     pool: str | None = None
     source: str = ""  # "InferenceModel/ns/name", for messages
+    sticky_header: str | None = None
+    """Lower case, as Envoy passes header names; None: the controller's own, if any."""
 
     def choose(self, sticky_key: str | None, rng: random.Random) -> str:
         if len(self.targets) == 1:
@@ -81,6 +89,9 @@ class ModelTable:
             except ModelConfigError as exc:
                 errors.append(str(exc))
                 continue
+            _, problem = sticky_header(obj)
+            if problem is not None:
+                errors.append(problem)  # the object still routes, without stickiness
             routes.extend(r for r in found if pool is None or r.pool in (None, pool))
         return cls(routes), errors
 
@@ -94,13 +105,29 @@ def routes_from_object(obj: Mapping[str, Any]) -> Iterable[ModelRoute]:
         raise ModelConfigError(f"{source}: no spec")
     pool = (spec.get("poolRef") or {}).get("name")
     if kind == INFERENCE_MODEL:
-        yield _inference_model(spec, source, pool)
+        routes: Iterable[ModelRoute] = [_inference_model(spec, source, pool)]
     elif kind == INFERENCE_MODEL_REWRITE:
-        yield from _rewrite(spec, source, pool)
+        routes = _rewrite(spec, source, pool)
     else:
         raise ModelConfigError(
             f"{source}: kind must be {INFERENCE_MODEL} or {INFERENCE_MODEL_REWRITE}"
         )
+    header, _ = sticky_header(obj)
+    for route in routes:
+        yield route if header is None else replace(route, sticky_header=header)
+
+
+def sticky_header(obj: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The object's sticky header annotation, lower case, or why it cannot be used."""
+    meta = obj.get("metadata") or {}
+    value = (meta.get("annotations") or {}).get(STICKY_HEADER_ANNOTATION)
+    if value is None:
+        return None, None
+    problem = header_problem(value) if isinstance(value, str) else "not a string"
+    if problem is not None:
+        source = f"{obj.get('kind')}/{meta.get('namespace', '')}/{meta.get('name', '?')}"
+        return None, f"{source}: annotation {STICKY_HEADER_ANNOTATION} {problem}"
+    return value.lower(), None
 
 
 def _inference_model(spec: Mapping[str, Any], source: str, pool: str | None) -> ModelRoute:

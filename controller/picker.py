@@ -36,7 +36,8 @@ class PickerSettings:
     passthrough: bool = False
     """Route models no InferenceModel names to themselves instead of answering 404."""
     sticky_header: str | None = None
-    """Request header whose value pins a client to one target (e.g. x-user-id)."""
+    """Request header whose value pins a client to one target (e.g. x-user-id), for models
+    whose InferenceModel does not name its own (`controller.models`)."""
     base_models: frozenset[str] = frozenset()
     """Names served by the base model itself: no adapter, so no LoRA affinity."""
 
@@ -113,7 +114,8 @@ class EndpointPicker:
                     ),
                 )
             model_route = ModelRoute(model, (WeightedTarget(model, 1),))
-        sticky_key = headers.get(self._sticky) if self._sticky else None
+        sticky = model_route.sticky_header or self._sticky
+        sticky_key = headers.get(sticky) if sticky else None
         target = model_route.choose(sticky_key, self._rng)
         request = SchedulingRequest(
             model=model,

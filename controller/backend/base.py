@@ -27,7 +27,13 @@ from typing import Any, Literal, Protocol, TypeVar
 import structlog
 import yaml
 
-from controller.models import INFERENCE_MODEL, INFERENCE_MODEL_REWRITE, WeightedTarget
+from controller.models import (
+    INFERENCE_MODEL,
+    INFERENCE_MODEL_REWRITE,
+    STICKY_HEADER_ANNOTATION,
+    WeightedTarget,
+    sticky_header,
+)
 from controller.rollout.spec import GROUP, KIND, PLURAL, VERSION
 from sidecar.config import ROOT_KEY, id_problem, parse_config
 from sidecar.sources import SourceError, parse_source
@@ -104,6 +110,8 @@ class TrafficSplit:
     targets: tuple[WeightedTarget, ...]  # in listed order, zero weights kept
     pool: str | None
     resource_version: str
+    sticky_header: str | None = None
+    """The object's sticky header annotation (lower case), which the picker hashes."""
 
     def weights(self) -> dict[str, int]:
         return {target.name: target.weight for target in self.targets}
@@ -154,11 +162,15 @@ class Backend(Protocol):
         sidecars would reject), ConflictError, ValueError (bad ids or sources)."""
 
     async def set_weights(
-        self, model_name: str, weights: Mapping[str, int], pool: str | None = None
+        self,
+        model_name: str,
+        weights: Mapping[str, int],
+        pool: str | None = None,
+        sticky: str | None = None,
     ) -> bool:
-        """Makes the split `inference_model(model_name, pool)` finds exactly `weights`; see
-        `reweighted_spec`. True when it wrote. Raises NotFoundError, ConflictError,
-        ValueError (bad weights)."""
+        """Makes the split `inference_model(model_name, pool)` finds exactly `weights`, and
+        its sticky header `sticky` when given; see `routing_patch`. True when it wrote.
+        Raises NotFoundError, ConflictError, ValueError (bad weights)."""
 
     async def update_rollout_status(
         self, name: str, status: Mapping[str, Any], expected_resource_version: str
@@ -293,7 +305,27 @@ def traffic_split(obj: Mapping[str, Any], model_name: str) -> TrafficSplit | Non
     )
     targets = tuple(WeightedTarget(str(entry.get(name_key)), _weight(entry)) for entry in entries)
     pool = (spec.get("poolRef") or {}).get("name")
-    return TrafficSplit(ref, model_name, targets, pool, str(metadata.get("resourceVersion") or ""))
+    version = str(metadata.get("resourceVersion") or "")
+    return TrafficSplit(ref, model_name, targets, pool, version, sticky_header(obj)[0])
+
+
+def routing_patch(
+    obj: Mapping[str, Any],
+    model_name: str,
+    weights: Mapping[str, int],
+    sticky: str | None = None,
+) -> dict[str, Any] | None:
+    """The merge patch of obj that routes the model to exactly `weights` (`reweighted_spec`)
+    and, given a `sticky` header, names it in the annotation the picker reads, in one write:
+    users are pinned from the first weight that moves them. None when nothing changes."""
+    patch: dict[str, Any] = {}
+    spec = reweighted_spec(obj, model_name, weights)
+    if spec is not None:
+        patch["spec"] = spec
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    if sticky is not None and annotations.get(STICKY_HEADER_ANNOTATION) != sticky:
+        patch["metadata"] = {"annotations": {STICKY_HEADER_ANNOTATION: sticky}}
+    return patch or None
 
 
 def _weight(entry: Mapping[str, Any]) -> int:

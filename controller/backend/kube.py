@@ -63,7 +63,7 @@ from controller.backend.base import (
     TrafficSplit,
     edit_adapter_config,
     retry_on_conflict,
-    reweighted_spec,
+    routing_patch,
     traffic_split,
 )
 from controller.endpoints import POOL_PLURAL, POOL_V1, POOL_V1ALPHA2, PoolApi
@@ -260,7 +260,11 @@ class KubeBackend:
         return written
 
     async def set_weights(
-        self, model_name: str, weights: Mapping[str, int], pool: str | None = None
+        self,
+        model_name: str,
+        weights: Mapping[str, int],
+        pool: str | None = None,
+        sticky: str | None = None,
     ) -> bool:
         split = self.inference_model(model_name, pool)
         if split is None:
@@ -277,16 +281,17 @@ class KubeBackend:
             obj = _identified(kind)(
                 raw_json(self._custom.get_namespaced_custom_object(*where, **_RAW))
             )
-            spec = reweighted_spec(obj, model_name, weights)
-            if spec is None:
+            patch = routing_patch(obj, model_name, weights, sticky)
+            if patch is None:
                 return False
-            body = _conditional(what, obj, {"spec": spec})
+            body = _conditional(what, obj, patch)
             self._custom.patch_namespaced_custom_object(*where, body, **_PATCH)
             return True
 
         written = await self._compare_and_swap(what, attempt)
         if written:
-            log.info("weights_written", model=model_name, object=what, weights=dict(weights))
+            log.info("weights_written", model=model_name, object=what, weights=dict(weights),
+                     sticky_header=sticky)  # fmt: skip
         return written
 
     async def update_rollout_status(
@@ -486,7 +491,10 @@ def _version(what: str, obj: Mapping[str, Any]) -> str:
 
 def _conditional(what: str, obj: Mapping[str, Any], body: dict[str, Any]) -> dict[str, Any]:
     """A merge patch that applies only while obj is at the version it was read at."""
-    return {**body, "metadata": {"resourceVersion": _version(what, obj)}}
+    return {
+        **body,
+        "metadata": {**body.get("metadata", {}), "resourceVersion": _version(what, obj)},
+    }
 
 
 def _timestamp() -> str:

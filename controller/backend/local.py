@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import json
 import os
@@ -77,7 +78,7 @@ from controller.backend.base import (
     TrafficSplit,
     edit_adapter_config,
     retry_on_conflict,
-    reweighted_spec,
+    routing_patch,
     traffic_split,
 )
 from controller.endpoints import parse_endpoint_list
@@ -256,7 +257,11 @@ class LocalBackend:
         return written
 
     async def set_weights(
-        self, model_name: str, weights: Mapping[str, int], pool: str | None = None
+        self,
+        model_name: str,
+        weights: Mapping[str, int],
+        pool: str | None = None,
+        sticky: str | None = None,
     ) -> bool:
         split = self.inference_model(model_name, pool)
         if split is None:
@@ -269,15 +274,13 @@ class LocalBackend:
         what = f"{kind} {self.namespace}/{name}"
 
         def edit(obj: dict[str, Any], version: str) -> dict[str, Any] | None:
-            spec = reweighted_spec(obj, model_name, weights)
-            if spec is None:
-                return None
-            obj["spec"] = {**(obj.get("spec") or {}), **spec}  # the merge patch kube sends
-            return obj
+            patch = routing_patch(obj, model_name, weights, sticky)
+            return None if patch is None else _merge(obj, patch)  # as kube merges it
 
         written = await self._compare_and_swap(what, kind, name, edit)
         if written:
-            log.info("weights_written", model=model_name, object=what, weights=dict(weights))
+            log.info("weights_written", model=model_name, object=what, weights=dict(weights),
+                     sticky_header=sticky)  # fmt: skip
         return written
 
     async def update_rollout_status(
@@ -591,4 +594,4 @@ def _in_namespace(split: TrafficSplit, namespace: str) -> TrafficSplit:
     if split.ref.namespace:
         return split
     ref = ObjectRef(split.ref.api_version, split.ref.kind, namespace, split.ref.name)
-    return TrafficSplit(ref, split.model_name, split.targets, split.pool, split.resource_version)
+    return dataclasses.replace(split, ref=ref)

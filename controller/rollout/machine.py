@@ -81,6 +81,8 @@ class ModelView:
     targets: tuple[WeightedTarget, ...]
     """Effective targets in order; an object without targets routes to its own model name
     (weight 100)."""
+    sticky_header: str | None = None
+    """The header the picker hashes for this model (the object's annotation)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class SetWeights:
     routing each target owns a consecutive range, so users only ever move forward."""
 
     targets: tuple[WeightedTarget, ...]
+    sticky_header: str | None = None
+    """spec.stickiness.header, written with the weights so no user is moved by them unpinned."""
 
 
 class EventType(StrEnum):
@@ -534,8 +538,13 @@ def _world_actions(
     if status.phase in _WEIGHTS_SET and status.weights:
         # InferenceModel weights are 1..1e6: a target at 0 % is left out, not written as 0.
         wanted = tuple(WeightedTarget(n, w) for n, w in status.weights.items() if w > 0)
-        if obs.model is None or obs.model.targets != wanted:
-            actions.append(SetWeights(wanted))
+        sticky = spec.stickiness.header.lower() if spec.stickiness else None
+        if (
+            obs.model is None
+            or obs.model.targets != wanted
+            or (sticky is not None and obs.model.sticky_header != sticky)
+        ):
+            actions.append(SetWeights(wanted, sticky))
     removed = _removed(spec, status.phase)
     if (
         removed is not None

@@ -41,7 +41,9 @@ def adapter_inventory(views: list[EndpointView], adapter: str) -> Inventory:
 def model_view(split: TrafficSplit | None) -> ModelView | None:
     if split is None:
         return None
-    return ModelView(pool=split.pool or "", targets=split.targets)
+    return ModelView(
+        pool=split.pool or "", targets=split.targets, sticky_header=split.sticky_header
+    )
 
 
 def adapter_config(data: dict[str, str] | None, key: str) -> tuple[DesiredState | None, str | None]:

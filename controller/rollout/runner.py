@@ -183,7 +183,9 @@ class RolloutRunner:
             await self.backend.ensure_adapters(cm.name, cm.key, {}, (action.id,))
         elif isinstance(action, SetWeights):
             weights = {target.name: target.weight for target in action.targets}
-            await self.backend.set_weights(spec.model, weights, pool=spec.pool)
+            await self.backend.set_weights(
+                spec.model, weights, pool=spec.pool, sticky=action.sticky_header
+            )
 
     def _count(self, name: str, before: RolloutStatus, decision: Decision) -> None:
         after = decision.status

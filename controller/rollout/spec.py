@@ -22,6 +22,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from loractl.flags import header_problem
 from sidecar.config import id_problem
 from sidecar.sources import SourceError, parse_source
 
@@ -117,7 +118,7 @@ class Gates(_SpecModel):
 class Stickiness(_SpecModel):
     header: str = Field(min_length=1, max_length=256)
     """The request header the picker hashes so a user stays on one target (see
-    controller.models); the machine itself does not need it."""
+    controller.models): written with the weights, as the model's sticky-header annotation."""
 
 
 class RolloutSpec(_SpecModel):
@@ -224,6 +225,10 @@ def validate_spec(spec: RolloutSpec) -> list[str]:
         )
     for field, ref in (("from", spec.from_), ("to", spec.to)):
         problems.extend(_ref_problems(field, ref))
+    if spec.stickiness is not None:
+        problem = header_problem(spec.stickiness.header)
+        if problem is not None:
+            problems.append(f"spec.stickiness.header {problem}")
     for index in range(1, len(spec.steps)):
         before, after = spec.steps[index - 1].weight, spec.steps[index].weight
         if after < before:

@@ -33,7 +33,7 @@ from controller.backend import (
     StaleError,
 )
 from controller.backend.kube import KubeBackend, raw_json
-from controller.models import WeightedTarget
+from controller.models import STICKY_HEADER_ANNOTATION, WeightedTarget
 from loractl.kube import MERGE_PATCH
 from tests.support.kube import CuttableProxy, call, use_kubeconfig
 
@@ -468,6 +468,34 @@ async def test_set_weights_on_an_inference_model(
     assert stored(kmock, MODELS, "food")["spec"]["targetModels"] == [
         {"name": "fr-2", "weight": 100}
     ]
+    assert len(kmock["patch"]) == 2
+
+
+@pytest.mark.asyncio
+async def test_set_weights_writes_the_sticky_header_in_the_same_patch(
+    kmock: KubernetesEmulator, cluster: Cluster, backend: KubeBackend
+) -> None:
+    serve(kmock, *EVERYTHING)
+    await seed(cluster)
+    await start(backend)
+    assert await backend.set_weights("food-review", {"fr-1": 90, "fr-2": 10}, sticky="x-user-id")
+    assert len(kmock["patch"]) == 1, "the weights and the header in one write"
+    written = stored(kmock, MODELS, "food")
+    assert written["metadata"]["annotations"][STICKY_HEADER_ANNOTATION] == "x-user-id"
+    assert written["spec"]["targetModels"][1] == {"name": "fr-2", "weight": 10}
+
+    def sticky() -> str | None:
+        split = backend.inference_model("food-review")
+        return None if split is None else split.sticky_header
+
+    await until(lambda: sticky() == "x-user-id")
+    same = {"fr-1": 90, "fr-2": 10}
+    assert not await backend.set_weights("food-review", same, sticky="x-user-id")
+    assert not await backend.set_weights("food-review", same)
+    assert await backend.set_weights("food-review", same, sticky="x-session")
+    assert stored(kmock, MODELS, "food")["metadata"]["annotations"] == {
+        STICKY_HEADER_ANNOTATION: "x-session"
+    }
     assert len(kmock["patch"]) == 2
 
 

@@ -35,7 +35,7 @@ from controller.backend import local as local_module
 from controller.backend.base import edit_adapter_config
 from controller.backend.local import LocalBackend
 from controller.inventory import Endpoint, Inventory
-from controller.models import WeightedTarget
+from controller.models import STICKY_HEADER_ANNOTATION, WeightedTarget
 from controller.rollout.runner import RolloutMetrics, RolloutRunner
 from controller.stats import TrafficStats
 
@@ -409,6 +409,14 @@ async def test_set_weights_on_an_inference_model_and_a_rewrite(
     rules = read(directory / "rewrites.yml")[0]["spec"]["rules"]
     assert rules[0]["targets"] == [{"modelRewrite": "chat-v2", "weight": 100}]
     assert rules[1] == yaml.safe_load(REWRITES)["spec"]["rules"][1]
+
+    assert await backend.set_weights("chat", {"chat-v2": 100}, sticky="x-user-id")
+    written = read(directory / "rewrites.yml")[0]
+    assert written["metadata"]["annotations"] == {STICKY_HEADER_ANNOTATION: "x-user-id"}
+    assert written["spec"]["rules"][0]["targets"] == [{"modelRewrite": "chat-v2", "weight": 100}]
+    chat = backend.inference_model
+    await until(lambda: getattr(chat("chat"), "sticky_header", None) == "x-user-id")
+    assert not await backend.set_weights("chat", {"chat-v2": 100}, sticky="x-user-id")
 
     with pytest.raises(NotFoundError, match="routes model 'absent'"):
         await backend.set_weights("absent", {"x": 1})

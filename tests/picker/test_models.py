@@ -8,7 +8,12 @@ from typing import Any
 
 import pytest
 
-from controller.models import ModelConfigError, ModelTable, routes_from_object
+from controller.models import (
+    STICKY_HEADER_ANNOTATION,
+    ModelConfigError,
+    ModelTable,
+    routes_from_object,
+)
 from controller.scheduling.types import Criticality
 
 
@@ -119,3 +124,33 @@ def test_zero_weight_targets_get_no_traffic() -> None:
     route = table.resolve("m")
     assert route is not None
     assert {route.choose(str(i), random.Random()) for i in range(200)} == {"v1"}
+
+
+def annotated(obj: dict[str, Any], header: Any) -> dict[str, Any]:
+    obj["metadata"]["annotations"] = {STICKY_HEADER_ANNOTATION: header}
+    return obj
+
+
+def test_a_sticky_header_annotation_applies_to_every_model_of_its_object() -> None:
+    table, errors = ModelTable.from_objects(
+        [
+            annotated(inference_model("food", None), "X-User-Id"),
+            annotated(rewrite("chat", [{"modelRewrite": "chat-v3"}]), "x-session"),
+            inference_model("plain", None),
+        ]
+    )
+    assert errors == []
+    headers = {route.model: route.sticky_header for route in table.routes()}
+    assert headers == {"food": "x-user-id", "chat": "x-session", "plain": None}
+
+
+@pytest.mark.parametrize("header", ["", "x user", 7])
+def test_a_bad_sticky_header_annotation_is_reported_and_the_model_still_routes(
+    header: Any,
+) -> None:
+    table, errors = ModelTable.from_objects([annotated(inference_model("food", None), header)])
+    route = table.resolve("food")
+    assert route is not None, "a bad annotation must not take the model's traffic away"
+    assert route.sticky_header is None
+    [error] = errors
+    assert error.startswith(f"InferenceModel/ns/food: annotation {STICKY_HEADER_ANNOTATION} ")

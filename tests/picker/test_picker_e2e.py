@@ -26,6 +26,7 @@ from tests.support.gateway import (
     inference_model,
     start_controller,
     start_envoy,
+    sticky_by_annotation,
     write_models,
 )
 from tests.support.metrics import value
@@ -38,6 +39,10 @@ MODELS = [
     inference_model("food-review-2"),
     inference_model("food-review-1"),
     inference_model("batch", {"food-review-1": 1}, criticality="Sheddable"),
+    # What a rollout with spec.stickiness writes: this model pins by its own header.
+    sticky_by_annotation(
+        inference_model("food-chat", {"food-review-1": 50, "food-review-2": 50}), "X-Session"
+    ),
 ]
 
 
@@ -153,6 +158,20 @@ def test_sticky_header_keeps_a_user_on_one_target(pool: Pool) -> None:
         "food-review-1",
         "food-review-2",
     }
+
+
+def test_a_model_annotated_with_a_sticky_header_pins_by_that_header(pool: Pool) -> None:
+    def targets(header: str, user: str) -> set[str]:
+        return {
+            complete(pool.envoy.url, "food-chat", {header: user}).json()["model"] for _ in range(6)
+        }
+
+    sessions = [targets("x-session", f"session-{i}") for i in range(30)]
+    assert all(len(seen) == 1 for seen in sessions), sessions
+    assert set().union(*sessions) == {"food-review-1", "food-review-2"}
+    # The controller's own --sticky-header does not apply to this model: it names its own.
+    users = [targets("x-user-id", f"user-{i}") for i in range(10)]
+    assert any(len(seen) == 2 for seen in users), users
 
 
 def test_lora_affinity_keeps_an_adapter_on_the_pods_where_it_is_hot(pool: Pool) -> None:

@@ -131,6 +131,7 @@ def test_what_the_controller_writes_is_valid(crd_errors: Validate) -> None:
         (("spec", "steps", 0, "pause"), "5 min", "does not match"),
         (("spec", "gates", "maxErrorRate"), 2, "2 is greater than the maximum of 1"),
         (("spec", "to", "id"), "-bad", "does not match"),
+        (("spec", "stickiness"), {"header": "x user"}, "does not match"),
         (("status", "phase"), "Done", "'Done' is not one of"),
         (("status", "weights"), {"a": "x"}, "'x' is not of type 'integer'"),
     ],

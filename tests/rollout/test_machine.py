@@ -71,6 +71,39 @@ def bake(world: World, rollout: RolloutSpec, status: RolloutStatus, **serve: Any
     return world.tick(rollout, status).status
 
 
+# --- stickiness --------------------------------------------------------------------------
+
+
+def test_the_sticky_header_goes_with_every_weight_written() -> None:
+    world = World()
+    run_healthy(world, spec(stickiness={"header": "X-User-Id"}))
+    written = [action for action in world.applied if isinstance(action, SetWeights)]
+    assert written[0] == SetWeights(
+        (WeightedTarget(FROM, 90), WeightedTarget(TO, 10)), "x-user-id"
+    ), "users are pinned from the first weight that moves any of them"
+    assert {action.sticky_header for action in written} == {"x-user-id"}
+    assert world.sticky_header == "x-user-id"
+
+
+def test_a_sticky_header_taken_off_the_model_is_put_back() -> None:
+    world = World()
+    rollout = spec(stickiness={"header": "x-user-id"})
+    status = loaded(world, rollout)
+    world.sticky_header = None  # someone edited the InferenceModel's annotations
+    decision = world.tick(rollout, status)
+    assert weights((FROM, 90), (TO, 10)).targets == world.targets
+    assert [a for a in decision.actions if isinstance(a, SetWeights)] == [
+        SetWeights(world.targets, "x-user-id")
+    ]
+
+
+def test_without_stickiness_a_header_set_by_hand_is_left_alone() -> None:
+    world = World(sticky_header="x-team")
+    run_healthy(world, spec())
+    assert world.sticky_header == "x-team"
+    assert all(a.sticky_header is None for a in world.applied if isinstance(a, SetWeights))
+
+
 # --- the happy path ---------------------------------------------------------------------
 
 

@@ -119,6 +119,10 @@ def test_every_schema_problem_is_listed() -> None:
             {"steps": [{"weight": 10}, {"weight": 50}, {"weight": 20}]},
             "spec.steps[2].weight 20 is below the step before it (50)",
         ),
+        (
+            {"stickiness": {"header": "x user"}},
+            "spec.stickiness.header 'x user' is not an HTTP header name: use letters, digits",
+        ),
     ],
 )
 def test_cross_field_rules(changes: dict[str, Any], fragment: str) -> None:

@@ -92,6 +92,7 @@ class World:
     ensure_exist: dict[str, str] = field(default_factory=lambda: {FROM: FROM_SOURCE})
     ensure_not_exist: set[str] = field(default_factory=set)
     targets: tuple[WeightedTarget, ...] = (WeightedTarget(FROM, 100),)
+    sticky_header: str | None = None  # the InferenceModel's annotation
     model_pool: str | None = POOL  # None: no InferenceModel serves the model
     pool_exists: bool = True
     config_map_exists: bool = True
@@ -125,7 +126,9 @@ class World:
             traffic = Traffic(since=self._window, baseline=self._baseline, canary=self._canary)
         return Observation(
             now=self.now,
-            model=None if self.model_pool is None else ModelView(self.model_pool, self.targets),
+            model=None
+            if self.model_pool is None
+            else ModelView(self.model_pool, self.targets, self.sticky_header),
             pool_exists=self.pool_exists,
             config_map=self._config() if self.config_map_exists else None,
             inventory=Inventory(self.ready_pods, self.pods_with_to, self.load_problems),
@@ -147,6 +150,7 @@ class World:
                 self.ensure_not_exist.add(action.id)
             else:
                 self.targets = action.targets
+                self.sticky_header = action.sticky_header or self.sticky_header
 
     def tick(self, rollout: RolloutSpec, status: RolloutStatus) -> Decision:
         observation = self.observe(status)

@@ -11,6 +11,7 @@ import httpx
 import yaml
 
 from controller.extproc.envoy_config import envoy_bootstrap, envoy_process, wait_envoy_ready
+from controller.models import STICKY_HEADER_ANNOTATION
 from loractl.processes import ChildProcess, free_port
 from tests.support.simulators import loractl_argv
 
@@ -29,6 +30,11 @@ def inference_model(
         "metadata": {"name": name, "namespace": "default"},
         "spec": spec,
     }
+
+
+def sticky_by_annotation(model: dict[str, Any], header: str) -> dict[str, Any]:
+    model["metadata"]["annotations"] = {STICKY_HEADER_ANNOTATION: header}
+    return model
 
 
 def write_models(path: Path, models: list[dict[str, Any]]) -> Path:
