@@ -21,6 +21,7 @@ from kmock import KubernetesEmulator
 from kubernetes.client import CoordinationV1Api
 
 from controller.extproc.envoy_config import PICKER_CLUSTER
+from controller.models import STICKY_HEADER_ANNOTATION
 from loractl.processes import ChildProcess, free_port
 from simulator.adapter_files import write_adapter
 from tests.support.canary_cluster import (
@@ -72,6 +73,34 @@ async def cluster(kmock: KubernetesEmulator, tmp_path: Path) -> AsyncIterator[Cl
 @pytest.mark.asyncio
 async def test_a_healthy_canary_walks_every_step_and_promotes(cluster: Cluster) -> None:
     await healthy_canary_promotes(cluster)
+
+
+@pytest.mark.asyncio
+async def test_a_sticky_rollout_keeps_each_user_on_one_adapter(cluster: Cluster) -> None:
+    # The controller runs without --sticky-header: the rollout's stickiness alone pins users.
+    half = [{"weight": 50, "pause": "5m"}]
+    await cluster.start_rollout("sticky", {"steps": half, "stickiness": {"header": "X-User-Id"}})
+    async with asyncio.timeout(60):
+        while len(await cluster.weights()) < 2:  # noqa: ASYNC110 (polls the API)
+            await asyncio.sleep(0.1)
+    model = await cluster.inference_model()
+    assert model["metadata"]["annotations"] == {STICKY_HEADER_ANNOTATION: "x-user-id"}
+
+    def targets(user: str) -> list[str]:
+        body = {"model": "food-review", "prompt": "soup?", "max_tokens": 2}
+        headers = {"x-user-id": user}
+        with httpx.Client(timeout=10) as client:
+            return [
+                client.post(f"{cluster.envoy.url}/v1/completions", json=body, headers=headers)
+                .json()
+                .get("model", "")
+                for _ in range(5)
+            ]
+
+    await asyncio.sleep(0.5)  # the picker's watch of the InferenceModel, a moment behind
+    by_user = {user: await asyncio.to_thread(targets, user) for user in map(str, range(30))}
+    assert all(len(set(seen)) == 1 for seen in by_user.values()), by_user
+    assert {seen[0] for seen in by_user.values()} == {"food-review-1", "food-review-2"}
 
 
 @pytest.mark.asyncio

@@ -131,8 +131,13 @@ class Cluster:
                 raise AssertionError(f"{adapter} was never unlisted: {await self.adapter_lists()}")
             await asyncio.sleep(0.2)
 
+    async def inference_model(self) -> dict[str, Any]:
+        custom = CustomObjectsApi(self.api)
+        model: dict[str, Any] = await call(custom.get_namespaced_custom_object, *MODELS, MODEL)
+        return model
+
     async def weights(self) -> dict[str, int]:
-        model = await call(CustomObjectsApi(self.api).get_namespaced_custom_object, *MODELS, MODEL)
+        model = await self.inference_model()
         return {t["name"]: t.get("weight", 1) for t in model["spec"]["targetModels"]}
 
     async def adapter_lists(self) -> tuple[set[str], set[str]]:
@@ -165,7 +170,10 @@ class Cluster:
         self.controller = self.controller.again()
         self.children.append(self.controller.start())
 
-    async def start_rollout(self, name: str, **gates: Any) -> None:
+    async def start_rollout(
+        self, name: str, spec: dict[str, Any] | None = None, **gates: Any
+    ) -> None:
+        """A rollout of food-review-1 → food-review-2 in two short steps; `spec` overrides."""
         body = {
             "apiVersion": "loractl.io/v1alpha1",
             "kind": "AdapterRollout",
@@ -185,6 +193,7 @@ class Cluster:
                     "minRequestsTimeout": "30s",
                     **gates,
                 },
+                **(spec or {}),
             },
         }
         await call(CustomObjectsApi(self.api).create_namespaced_custom_object, *ROLLOUTS, body)
