@@ -93,7 +93,9 @@ async def serve(args: argparse.Namespace, pipeline: Pipeline, rng: random.Random
     for source in sources:
         source.start()
     runner = web.AppRunner(
-        build_app(HttpState(registry, inventory, stats)), access_log=None, handle_signals=False
+        build_app(HttpState(registry, inventory, stats, models.current, models.synced)),
+        access_log=None,
+        handle_signals=False,
     )
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.metrics_port)

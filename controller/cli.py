@@ -103,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--metrics-port",
         type=port_number,
         default=9090,
-        help="HTTP port of /metrics, /healthz and /inventory",
+        help="HTTP port of /metrics, /healthz, /inventory and /models",
     )
     picker.add_argument("--tls-cert", type=Path, help="serve ext_proc over TLS with this cert")
     picker.add_argument("--tls-key", type=Path, help="... and this key")

@@ -1,7 +1,9 @@
-"""The controller's HTTP side: Prometheus metrics, probes, and the inventory as JSON."""
+"""The controller's HTTP side: Prometheus metrics, probes, and as JSON the inventory and
+the model table the picker routes by."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
 from controller.inventory import EndpointView, Inventory
+from controller.models import ModelRoute, ModelTable
 from controller.stats import TrafficStats
 
 
@@ -17,6 +20,8 @@ class HttpState:
     registry: CollectorRegistry
     inventory: Inventory
     stats: TrafficStats
+    models: Callable[[], ModelTable]
+    models_synced: Callable[[], bool]
 
 
 STATE = web.AppKey("state", HttpState)
@@ -62,10 +67,36 @@ async def inventory(request: web.Request) -> web.Response:
     )
 
 
+def route_json(route: ModelRoute) -> dict[str, Any]:
+    return {
+        "model": route.model,
+        "targets": [{"name": t.name, "weight": t.weight} for t in route.targets],
+        "criticality": route.criticality.value,
+        "pool": route.pool,
+        "sticky_header": route.sticky_header,
+        "source": route.source,
+    }
+
+
+async def models(request: web.Request) -> web.Response:
+    """What the picker resolves each model name to: debug a split or a sticky header here."""
+    state = request.app[STATE]
+    table = state.models()
+    routes = sorted(table.routes(), key=lambda route: route.model)
+    return web.json_response(
+        {
+            "synced": state.models_synced(),
+            "models": [route_json(route) for route in routes],
+            "errors": list(table.errors),
+        }
+    )
+
+
 def build_app(state: HttpState) -> web.Application:
     app = web.Application()
     app[STATE] = state
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/inventory", inventory)
+    app.router.add_get("/models", models)
     return app

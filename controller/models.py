@@ -65,10 +65,12 @@ class ModelRoute:
 
 
 class ModelTable:
-    """Every model name the pool serves, from the InferenceModel / Rewrite objects."""
+    """Every model name the pool serves, from the InferenceModel / Rewrite objects, and what
+    was wrong with the objects it could not use (or used without their sticky header)."""
 
-    def __init__(self, routes: Iterable[ModelRoute] = ()) -> None:
+    def __init__(self, routes: Iterable[ModelRoute] = (), errors: Iterable[str] = ()) -> None:
         self._routes = {route.model: route for route in routes}
+        self.errors = tuple(errors)
 
     def resolve(self, model: str) -> ModelRoute | None:
         return self._routes.get(model)
@@ -93,7 +95,7 @@ class ModelTable:
             if problem is not None:
                 errors.append(problem)  # the object still routes, without stickiness
             routes.extend(r for r in found if pool is None or r.pool in (None, pool))
-        return cls(routes), errors
+        return cls(routes, errors), errors
 
 
 def routes_from_object(obj: Mapping[str, Any]) -> Iterable[ModelRoute]:

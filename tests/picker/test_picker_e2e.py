@@ -43,6 +43,7 @@ MODELS = [
     sticky_by_annotation(
         inference_model("food-chat", {"food-review-1": 50, "food-review-2": 50}), "X-Session"
     ),
+    sticky_by_annotation(inference_model("food-typo", {"food-review-1": 1}), "x session"),
 ]
 
 
@@ -172,6 +173,36 @@ def test_a_model_annotated_with_a_sticky_header_pins_by_that_header(pool: Pool) 
     # The controller's own --sticky-header does not apply to this model: it names its own.
     users = [targets("x-user-id", f"user-{i}") for i in range(10)]
     assert any(len(seen) == 2 for seen in users), users
+
+
+def test_the_model_table_the_picker_routes_by_is_served_with_its_problems(pool: Pool) -> None:
+    page = httpx.get(f"{pool.controller.metrics_url}/models", timeout=5).json()
+    assert page["synced"] is True
+    routes = {route["model"]: route for route in page["models"]}
+    assert set(routes) == {"food-review", "food-review-1", "food-review-2", "batch", "food-chat",
+                           "food-typo"}  # fmt: skip
+    assert routes["food-review"] == {
+        "model": "food-review",
+        "targets": [
+            {"name": "food-review-1", "weight": 90},
+            {"name": "food-review-2", "weight": 10},
+        ],
+        "criticality": "Standard",
+        "pool": "pool",
+        "sticky_header": None,
+        "source": "InferenceModel/default/food-review",
+    }
+    assert routes["batch"]["criticality"] == "Sheddable"
+    assert routes["food-chat"]["sticky_header"] == "x-session"
+    # A bad annotation: the model still routes, without it, and the page says why.
+    assert routes["food-typo"]["sticky_header"] is None
+    assert page["errors"] == [
+        "InferenceModel/default/food-typo: annotation loractl.io/sticky-header 'x session' is "
+        "not an HTTP header name: use letters, digits and '-', e.g. x-user-id"
+    ]
+    answer = complete(pool.envoy.url, "food-typo")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] == "food-review-1"
 
 
 def test_lora_affinity_keeps_an_adapter_on_the_pods_where_it_is_hot(pool: Pool) -> None:
