@@ -805,7 +805,8 @@ def _phase_lines(record: RolloutRecord, status: RolloutStatus, now: datetime) ->
         weights = ", ".join(f"{name} {weight}%" for name, weight in status.weights.items())
     else:
         weights = f"not shifted yet: all traffic on {_adapter(spec, 'from')}"
-    lines.append(f"Weights   {weights}")
+    sticky = (spec.get("stickiness") or {}).get("header")
+    lines.append(f"Weights   {weights}" + (f"; users pinned by header {sticky}" if sticky else ""))
     return lines
 
 

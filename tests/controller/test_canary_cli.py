@@ -472,6 +472,15 @@ def test_status_views_of_other_phases(status: dict[str, Any], lines: list[str]) 
         assert line in view, view
 
 
+def test_the_status_view_names_the_header_that_pins_users() -> None:
+    sticky = rollout_spec(stickiness={"header": "x-user-id"})
+    view = render_status(record(spec=sticky, status=PROGRESSING), NOW)
+    assert (
+        "Weights   food-review-1 50%, food-review-2 50%; users pinned by header x-user-id\n" in view
+    )
+    assert "pinned" not in render_status(record(status=PROGRESSING), NOW)
+
+
 def test_the_status_view_flags_requested_commands() -> None:
     requested = record(spec=rollout_spec(abort=True), status={"phase": "Progressing"})
     assert "Phase     Progressing (abort requested)" in render_status(requested, NOW)
