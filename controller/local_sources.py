@@ -86,8 +86,8 @@ class LocalModels:
         """Nothing runs of its own."""
 
     def _update(self) -> None:
-        table, errors = ModelTable.from_objects(self._backend.model_objects(), pool=self._pool)
-        for error in errors:
+        table = ModelTable.from_objects(self._backend.model_objects(), pool=self._pool)
+        for error in table.errors:
             log.error("model_object_rejected", error=error)
         if table.routes() != self.table.routes():
             log.info("models_loaded", models=sorted(r.model for r in table.routes()))

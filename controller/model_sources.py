@@ -60,11 +60,11 @@ class FileModels:
             self.error = f"{self.path}: every YAML document must be an InferenceModel or Rewrite"
             log.error("models_rejected", error=self.error, kept=len(self.table.routes()))
             return
-        table, errors = ModelTable.from_objects(documents, pool=self.pool)
-        for error in errors:
+        table = ModelTable.from_objects(documents, pool=self.pool)
+        for error in table.errors:
             log.error("model_object_rejected", error=error)
         self.table = table
-        self.error = "; ".join(errors) or None
+        self.error = "; ".join(table.errors) or None
         log.info("models_loaded", models=sorted(r.model for r in table.routes()))
 
 
@@ -130,8 +130,8 @@ class ClusterModels:
                 self._heard_from.add(kind)
                 synced = self._heard_from == PLURALS.keys()
                 everything = [o for by_name in self._objects.values() for o in by_name.values()]
-            table, errors = ModelTable.from_objects(everything, pool=self.pool)
-            for error in errors:
+            table = ModelTable.from_objects(everything, pool=self.pool)
+            for error in table.errors:
                 log.error("model_object_rejected", error=error)
             try:
                 self._loop.call_soon_threadsafe(self._install, table, synced)

@@ -81,8 +81,8 @@ class ModelTable:
     @classmethod
     def from_objects(
         cls, objects: Iterable[Mapping[str, Any]], pool: str | None = None
-    ) -> tuple[ModelTable, list[str]]:
-        """Build from API objects; bad objects are skipped and their errors returned."""
+    ) -> ModelTable:
+        """Build from API objects; bad objects are skipped and their errors kept in `errors`."""
         routes: list[ModelRoute] = []
         errors: list[str] = []
         for obj in objects:
@@ -91,11 +91,15 @@ class ModelTable:
             except ModelConfigError as exc:
                 errors.append(str(exc))
                 continue
-            _, problem = sticky_header(obj)
+            header, problem = sticky_header(obj)
             if problem is not None:
                 errors.append(problem)  # the object still routes, without stickiness
-            routes.extend(r for r in found if pool is None or r.pool in (None, pool))
-        return cls(routes, errors), errors
+            routes.extend(
+                r if header is None else replace(r, sticky_header=header)
+                for r in found
+                if pool is None or r.pool in (None, pool)
+            )
+        return cls(routes, errors)
 
 
 def routes_from_object(obj: Mapping[str, Any]) -> Iterable[ModelRoute]:
@@ -107,16 +111,13 @@ def routes_from_object(obj: Mapping[str, Any]) -> Iterable[ModelRoute]:
         raise ModelConfigError(f"{source}: no spec")
     pool = (spec.get("poolRef") or {}).get("name")
     if kind == INFERENCE_MODEL:
-        routes: Iterable[ModelRoute] = [_inference_model(spec, source, pool)]
+        yield _inference_model(spec, source, pool)
     elif kind == INFERENCE_MODEL_REWRITE:
-        routes = _rewrite(spec, source, pool)
+        yield from _rewrite(spec, source, pool)
     else:
         raise ModelConfigError(
             f"{source}: kind must be {INFERENCE_MODEL} or {INFERENCE_MODEL_REWRITE}"
         )
-    header, _ = sticky_header(obj)
-    for route in routes:
-        yield route if header is None else replace(route, sticky_header=header)
 
 
 def sticky_header(obj: Mapping[str, Any]) -> tuple[str | None, str | None]:

@@ -74,8 +74,14 @@ class SimSettings:
     vllm_version: str = "0.32.0"
 
     def __post_init__(self) -> None:
-        if self.max_loras < 1:
-            raise ValueError("--max-loras must be at least 1")
+        for flag, value in (
+            ("--max-loras", self.max_loras),
+            ("--max-num-seqs", self.max_num_seqs),
+            ("--max-model-len", self.max_model_len),
+            ("--kv-cache-tokens", self.kv_cache_tokens),
+        ):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1; got {value}")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(
                 f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})"
@@ -84,13 +90,6 @@ class SimSettings:
             raise ValueError(
                 f"--max-lora-rank {self.max_lora_rank} is not one of {list(VALID_MAX_LORA_RANKS)}"
             )
-        for flag, value in (
-            ("--max-num-seqs", self.max_num_seqs),
-            ("--max-model-len", self.max_model_len),
-            ("--kv-cache-tokens", self.kv_cache_tokens),
-        ):
-            if value < 1:
-                raise ValueError(f"{flag} must be at least 1; got {value}")
         latency = self.latency
         for flag, figure in (
             ("--prefill-ms-per-token", latency.prefill_ms_per_token),

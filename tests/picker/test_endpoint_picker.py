@@ -19,7 +19,7 @@ from tests.support.gateway import inference_model
 def picker(synced: bool, passthrough: bool = False) -> EndpointPicker:
     inventory = Inventory()
     inventory.set_endpoints([Endpoint("10.0.0.1:8000")])
-    table, _ = ModelTable.from_objects([inference_model("m", {"v1": 100})])
+    table = ModelTable.from_objects([inference_model("m", {"v1": 100})])
     return EndpointPicker(
         inventory,
         load_profile(),

@@ -38,14 +38,14 @@ def rewrite(model: str, targets: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_weights_split_traffic() -> None:
-    table, errors = ModelTable.from_objects(
+    table = ModelTable.from_objects(
         [
             inference_model(
                 "food-review", [{"name": "v1", "weight": 90}, {"name": "v2", "weight": 10}]
             )
         ]
     )
-    assert errors == []
+    assert table.errors == ()
     route = table.resolve("food-review")
     assert route is not None
     rng = random.Random(1)
@@ -56,7 +56,7 @@ def test_weights_split_traffic() -> None:
 def test_sticky_key_keeps_a_user_on_one_target_and_only_moves_users_forward() -> None:
     def table(weight_v2: int) -> ModelTable:
         targets = [{"name": "v1", "weight": 100 - weight_v2}, {"name": "v2", "weight": weight_v2}]
-        return ModelTable.from_objects([inference_model("m", targets)])[0]
+        return ModelTable.from_objects([inference_model("m", targets)])
 
     rng = random.Random(0)
     users = [f"user-{i}" for i in range(2000)]
@@ -69,7 +69,7 @@ def test_sticky_key_keeps_a_user_on_one_target_and_only_moves_users_forward() ->
 
 
 def test_rewrite_rules_and_criticality() -> None:
-    table, _ = ModelTable.from_objects(
+    table = ModelTable.from_objects(
         [
             rewrite("chat", [{"modelRewrite": "chat-v3", "weight": 1}]),
             inference_model("batch", None, criticality="Sheddable"),
@@ -87,13 +87,11 @@ def test_pool_filter_and_bad_objects_reported_not_fatal() -> None:
     other_pool = inference_model("elsewhere", None)
     other_pool["spec"]["poolRef"]["name"] = "other"
     bad = inference_model("bad", [{"name": "a", "weight": 1}, {"name": "b"}])
-    table, errors = ModelTable.from_objects(
-        [inference_model("ok", None), other_pool, bad], pool="pool"
-    )
+    table = ModelTable.from_objects([inference_model("ok", None), other_pool, bad], pool="pool")
     assert [r.model for r in table.routes()] == ["ok"]
-    assert len(errors) == 1
-    assert "InferenceModel/ns/bad" in errors[0]
-    assert "weight on every target or on none" in errors[0]
+    assert len(table.errors) == 1
+    assert "InferenceModel/ns/bad" in table.errors[0]
+    assert "weight on every target or on none" in table.errors[0]
 
 
 @pytest.mark.parametrize(
@@ -118,7 +116,7 @@ def test_invalid_objects_name_the_problem(obj: dict[str, Any], fragment: str) ->
 
 
 def test_zero_weight_targets_get_no_traffic() -> None:
-    table, _ = ModelTable.from_objects(
+    table = ModelTable.from_objects(
         [inference_model("m", [{"name": "v1", "weight": 100}, {"name": "v2", "weight": 0}])]
     )
     route = table.resolve("m")
@@ -132,14 +130,14 @@ def annotated(obj: dict[str, Any], header: Any) -> dict[str, Any]:
 
 
 def test_a_sticky_header_annotation_applies_to_every_model_of_its_object() -> None:
-    table, errors = ModelTable.from_objects(
+    table = ModelTable.from_objects(
         [
             annotated(inference_model("food", None), "X-User-Id"),
             annotated(rewrite("chat", [{"modelRewrite": "chat-v3"}]), "x-session"),
             inference_model("plain", None),
         ]
     )
-    assert errors == []
+    assert table.errors == ()
     headers = {route.model: route.sticky_header for route in table.routes()}
     assert headers == {"food": "x-user-id", "chat": "x-session", "plain": None}
 
@@ -148,9 +146,9 @@ def test_a_sticky_header_annotation_applies_to_every_model_of_its_object() -> No
 def test_a_bad_sticky_header_annotation_is_reported_and_the_model_still_routes(
     header: Any,
 ) -> None:
-    table, errors = ModelTable.from_objects([annotated(inference_model("food", None), header)])
+    table = ModelTable.from_objects([annotated(inference_model("food", None), header)])
     route = table.resolve("food")
     assert route is not None, "a bad annotation must not take the model's traffic away"
     assert route.sticky_header is None
-    [error] = errors
+    [error] = table.errors
     assert error.startswith(f"InferenceModel/ns/food: annotation {STICKY_HEADER_ANNOTATION} ")
